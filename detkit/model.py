@@ -1,0 +1,133 @@
+"""The layer graph built from a cfg: one module per section, darknet's layer numbering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cfg import Section, parse_cfg, parse_cfg_text, warn_unused
+from .errors import CfgError
+from .layers import BuildContext, Layer, Shape, builders
+
+# [net] keys darknet reads for training and augmentation; read here so they never warn.
+NET_KEYS = {
+    "batch", "subdivisions", "learning_rate", "momentum", "decay", "width", "height", "channels",
+    "inputs", "policy", "burn_in", "power", "step", "scale", "steps", "scales", "gamma",
+    "max_batches", "angle", "aspect", "saturation", "exposure", "hue", "adam", "B1", "B2", "eps",
+    "max_crop", "min_crop", "time_steps", "notruth", "random", "center", "letter_box", "flip",
+    "mosaic", "cutmix", "mixup", "resize_step", "tree", "max_chart_loss", "mean", "std",
+    "channel_order", "input_scale",
+}
+
+
+class Model(nn.Module):
+    """A darknet network as a PyTorch module. See DESIGN.md for the public contract."""
+
+    def __init__(self, sections: list[Section]) -> None:
+        super().__init__()
+        self.sections = sections
+        self.net = sections[0]
+        width = self.net.get_int("width", 0)
+        height = self.net.get_int("height", 0)
+        channels = self.net.get_int("channels", 0)
+        if width <= 0 or height <= 0 or channels <= 0:
+            raise self.net.error("[net] needs positive width, height and channels")
+        self.input_size = (width, height)
+        self.input_channels = channels
+        for key in NET_KEYS:
+            self.net.used.add(key)
+        self.layers = nn.ModuleList()
+        self._build(sections[1:])
+        self._keep = self._needed_later()
+        heads = [layer for layer in self.layers if hasattr(layer, "decode")]
+        self.num_classes = heads[-1].classes if heads else 0
+        self.head_indices = [layer.index for layer in heads]
+
+    def _build(self, sections: list[Section]) -> None:
+        table = builders()
+        ctx = BuildContext(shapes=[], input_shape=(self.input_channels, self.input_size[1],
+                                                   self.input_size[0]), net=self.net)
+        for index, section in enumerate(sections):
+            layer = table[section.kind](index, section, ctx)
+            shape = layer.out_shape(ctx.prev, ctx.shapes)
+            if min(shape) <= 0:
+                raise section.error(f"output size {shape[2]}x{shape[1]}x{shape[0]} is empty "
+                                    f"for input {ctx.prev[2]}x{ctx.prev[1]}x{ctx.prev[0]}")
+            ctx.shapes.append(shape)
+            self.layers.append(layer)
+        self.shapes_at_cfg_size: list[Shape] = list(ctx.shapes)
+
+    def _needed_later(self) -> set[int]:
+        return {src for layer in self.layers for src in layer.sources}
+
+    @property
+    def heads(self) -> list[Layer]:
+        return [self.layers[i] for i in self.head_indices]
+
+    def shapes(self, size: tuple[int, int] | None = None) -> list[tuple[Shape, Shape]]:
+        """(input, output) shape of every layer at an input size (w, h); cfg size by default."""
+        w, h = size or self.input_size
+        prev: Shape = (self.input_channels, h, w)
+        outs: list[Shape] = []
+        pairs = []
+        for layer in self.layers:
+            out = layer.out_shape(prev, outs)
+            if min(out) <= 0:
+                raise CfgError(f"layer {layer.index} ({layer.kind}) has an empty output at input "
+                               f"size {w}x{h}")
+            pairs.append((prev, out))
+            outs.append(out)
+            prev = out
+        return pairs
+
+    def _run(self, x: torch.Tensor, keep_all: bool):
+        outputs: list = [None] * len(self.layers)
+        net_hw = (x.shape[2], x.shape[3])
+        decoded = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, outputs)
+            if keep_all or i in self._keep:
+                outputs[i] = x
+            if i in self.head_indices and not self.training:
+                decoded.append(layer.decode(x, net_hw))
+        return outputs, decoded, x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Eval: (B, N, 5+C) decoded predictions. Train: every head's activated output."""
+        if self.training:
+            outputs: list = [None] * len(self.layers)
+            heads = []
+            for i, layer in enumerate(self.layers):
+                x = layer(x, outputs)
+                if i in self._keep:
+                    outputs[i] = x
+                if i in self.head_indices:
+                    heads.append(x)
+            return heads
+        _, decoded, last = self._run(x, keep_all=False)
+        if not decoded:
+            return last
+        return decoded[0] if len(decoded) == 1 else torch.cat(decoded, 1)
+
+    @torch.no_grad()
+    def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output in darknet layout (for [yolo]/[region]: darknet's l.output)."""
+        outputs, _, _ = self._run(x, keep_all=True)
+        return outputs
+
+
+def build_model(sections: list[Section]) -> Model:
+    """Build a Model and warn once for each cfg key no layer read."""
+    model = Model(sections)
+    warn_unused(sections)
+    return model
+
+
+def model_from_cfg(cfg: str | Path) -> Model:
+    return build_model(parse_cfg(cfg))
+
+
+def model_from_text(text: str, path: str = "<cfg>") -> Model:
+    return build_model(parse_cfg_text(text, path))
