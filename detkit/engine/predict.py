@@ -1,0 +1,236 @@
+"""Detector: a network plus darknet's pre- and postprocessing, answering in original-image pixels.
+
+The CLI's `detect` command and library users share this one class, so what the command prints
+is exactly what `Detector.detect` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DetkitError, WeightsError
+from .letterbox import correct_boxes, letterbox_batch
+from .sources import ImageInput, as_bgr, read_image_or_raise
+
+log = logging.getLogger("detkit")
+
+DEFAULT_CFG = "cfg/yolov3-tiny.cfg"
+DEFAULT_WEIGHTS = "weights/yolov3-tiny.weights"
+NAMES_BY_CLASSES = {80: "data/coco.names", 20: "data/voc.names"}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object in original-image pixels."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+    score: float
+    class_id: int
+    class_name: str
+
+    @property
+    def xywh(self) -> tuple[float, float, float, float]:
+        """Top-left corner, width and height (COCO's bbox)."""
+        x1, y1, x2, y2 = self.box
+        return (x1, y1, x2 - x1, y2 - y1)
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "score": self.score, "class_id": self.class_id,
+                "class_name": self.class_name}
+
+
+def detkit_home() -> Path:
+    """Where the default cfg, weights and names live: $DETKIT_HOME, else the repository root.
+
+    The repository root is the parent of the detkit package directory (an editable install).
+    When DETKIT_HOME is set it is the only place looked at, so a deployment is self-contained.
+    """
+    env = os.environ.get("DETKIT_HOME")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2]
+
+
+def default_model_files() -> tuple[Path, Path]:
+    """The default cfg and weights (yolov3-tiny, COCO); a clear error says how to get them."""
+    home = detkit_home()
+    cfg, weights = home / DEFAULT_CFG, home / DEFAULT_WEIGHTS
+    if not cfg.is_file():
+        raise DetkitError(f"default cfg {cfg} not found; pass --cfg (or set DETKIT_HOME to the "
+                          "detkit checkout)")
+    if not weights.is_file():
+        raise WeightsError(f"default weights {weights} not found: run `make assets` in {home} to "
+                           "fetch the official yolov3-tiny weights, or pass --cfg and --weights")
+    return cfg, weights
+
+
+def read_names(path: str | Path) -> list[str]:
+    """Class names, one a line (darknet's get_labels); blank trailing lines are dropped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise DetkitError(f"cannot read names file {path}: {exc.strerror or exc}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def resolve_names(names: str | Path | Sequence[str] | None, num_classes: int) -> list[str]:
+    """Names from a file or a list; by default coco.names for 80 classes, voc.names for 20.
+
+    Falls back to the class numbers when no names file fits, so detection never fails on it.
+    """
+    if names is None:
+        default = NAMES_BY_CLASSES.get(num_classes)
+        path = detkit_home() / default if default else None
+        if path is not None and path.is_file():
+            names = path
+        else:
+            return [str(i) for i in range(num_classes)]
+    labels = read_names(names) if isinstance(names, (str, Path)) else [str(n) for n in names]
+    if len(labels) < num_classes:
+        where = f"names file {names}" if isinstance(names, (str, Path)) else "names"
+        raise DetkitError(f"{where} has {len(labels)} names but the model has {num_classes} classes")
+    return labels[:num_classes]
+
+
+def parse_classes(spec: str | Sequence[str | int] | None, names: Sequence[str]) -> list[int] | None:
+    """--classes 'person,car' or '0,2' (mixed is fine) -> sorted class ids; None keeps all."""
+    if spec is None:
+        return None
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    lookup = {name.lower(): i for i, name in enumerate(names)}
+    ids: set[int] = set()
+    for item in items:
+        if item == "":
+            continue
+        if isinstance(item, int) or str(item).isdigit():
+            cid = int(item)
+            if not 0 <= cid < len(names):
+                raise DetkitError(f"--classes: class id {cid} is outside 0..{len(names) - 1}")
+        elif str(item).lower() in lookup:
+            cid = lookup[str(item).lower()]
+        else:
+            raise DetkitError(f"--classes: unknown class '{item}'")
+        ids.add(cid)
+    if not ids:
+        raise DetkitError("--classes is empty")
+    return sorted(ids)
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """cuda when available unless told otherwise; a clear error for an unusable device."""
+    if device is None or str(device) == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DetkitError(f"--device '{device}' is not cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DetkitError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DetkitError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_img_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Input size (w, h); both must be positive multiples of 32 (the YOLO strides)."""
+    if size is None:
+        return None
+    w, h = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if w <= 0 or h <= 0 or w % 32 or h % 32:
+        raise DetkitError(f"--img-size {w}x{h}: width and height must be positive multiples of 32")
+    return (w, h)
+
+
+class Detector:
+    """A darknet network ready to detect: letterbox in, boxes in original-image pixels out.
+
+    `cfg`/`weights` default to yolov3-tiny (COCO) from the detkit checkout or $DETKIT_HOME.
+    """
+
+    def __init__(self, cfg: str | Path | None = None, weights: str | Path | None = None,
+                 device: str | torch.device | None = None, conf_thresh: float = 0.25,
+                 nms_thresh: float = 0.45, half: bool = False,
+                 img_size: int | tuple[int, int] | None = None, letterbox: bool = True,
+                 names: str | Path | Sequence[str] | None = None, max_det: int = 300,
+                 classes: str | Sequence[str | int] | None = None) -> None:
+        from .. import load_model
+
+        if cfg is None:
+            default_cfg, default_weights = default_model_files()
+            cfg = default_cfg
+            weights = default_weights if weights is None else weights
+        elif weights is None:
+            raise DetkitError(f"no weights given for {cfg}: pass --weights")
+        if not 0.0 <= conf_thresh <= 1.0 or not 0.0 <= nms_thresh <= 1.0:
+            raise DetkitError("--conf and --nms must be between 0 and 1")
+        if max_det < 1:
+            raise DetkitError("--max-det must be at least 1")
+        self.device = pick_device(device)
+        self.model = load_model(cfg, weights, device=str(self.device))
+        self.input_size = check_img_size(img_size) or self.model.input_size
+        self.model.shapes(self.input_size)  # a size the graph cannot take fails here, clearly
+        self.half = bool(half) and self.device.type == "cuda"
+        if half and not self.half:
+            log.warning("warning: --half needs a CUDA device; running in float32 on %s", self.device)
+        if self.half:
+            self.model.half()
+        self.dtype = torch.float16 if self.half else torch.float32
+        self.conf_thresh = float(conf_thresh)
+        self.nms_thresh = float(nms_thresh)
+        self.max_det = int(max_det)
+        self.letterbox = bool(letterbox)
+        self.num_classes = self.model.num_classes
+        self.names = resolve_names(names, self.num_classes)
+        self.classes = parse_classes(classes, self.names)
+        self._class_mask = None
+        if self.classes is not None:
+            mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+            mask[self.classes] = True
+            self._class_mask = mask
+
+    def __repr__(self) -> str:
+        return (f"Detector({self.num_classes} classes, input {self.input_size[0]}x"
+                f"{self.input_size[1]}, {self.device}, conf {self.conf_thresh}, nms {self.nms_thresh})")
+
+    @torch.inference_mode()
+    def predict_arrays(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """BGR uint8 images -> per image a CPU (K, 6) tensor x1, y1, x2, y2, score, class in
+        original-image pixels, sorted by score. The whole batch is one forward pass."""
+        from ..boxes import postprocess
+
+        if not images:
+            return []
+        batch, places = letterbox_batch(images, self.input_size, self.device, self.letterbox,
+                                        self.dtype)
+        preds = self.model(batch).float()
+        if self._class_mask is not None:
+            preds[..., 5:] = preds[..., 5:] * self._class_mask
+        per_image = postprocess(preds, self.conf_thresh, self.nms_thresh, self.max_det)
+        return [correct_boxes(d, p, self.input_size).cpu() for d, p in zip(per_image, places, strict=True)]
+
+    def to_detections(self, rows: torch.Tensor) -> list[Detection]:
+        """(K, 6) rows -> Detection objects with class names."""
+        out = []
+        for x1, y1, x2, y2, score, cls in rows.tolist():
+            cid = int(cls)
+            out.append(Detection((x1, y1, x2, y2), score, cid, self.names[cid]))
+        return out
+
+    def detect_batch(self, images: Sequence[ImageInput]) -> list[list[Detection]]:
+        """Detect in several images (paths or BGR arrays) with one forward pass."""
+        arrays = [as_bgr(read_image_or_raise(im) if isinstance(im, (str, Path)) else im)
+                  for im in images]
+        return [self.to_detections(rows) for rows in self.predict_arrays(arrays)]
+
+    def detect(self, image: ImageInput) -> list[Detection]:
+        """Detect in one image (a path or a BGR uint8 ndarray); boxes in its pixels."""
+        return self.detect_batch([image])[0]
