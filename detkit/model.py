@@ -36,14 +36,45 @@ class Model(nn.Module):
             raise self.net.error("[net] needs positive width, height and channels")
         self.input_size = (width, height)
         self.input_channels = channels
+        self._parse_input_normalisation()
         for key in NET_KEYS:
             self.net.used.add(key)
+        self.seen = 0  # images seen in training; darknet's *net->seen (region warm-up uses it)
         self.layers = nn.ModuleList()
         self._build(sections[1:])
         self._keep = self._needed_later()
         heads = [layer for layer in self.layers if hasattr(layer, "decode")]
         self.num_classes = heads[-1].classes if heads else 0
         self.head_indices = [layer.index for layer in heads]
+
+    def _parse_input_normalisation(self) -> None:
+        """detkit [net] keys for nets trained on other input conventions (VGG16-SSD: 0-255, mean).
+
+        The public input is always RGB in [0, 1]; the net sees flip (channel_order=bgr), then
+        x * input_scale, then (x - mean) / std. Darknet nets leave all of them at the identity.
+        """
+        order = self.net.get_str("channel_order", "rgb").lower()
+        if order not in ("rgb", "bgr"):
+            raise self.net.error(f"channel_order={order} must be rgb or bgr", "channel_order")
+        self.flip_channels = order == "bgr"
+        self.input_scale = self.net.get_float("input_scale", 1.0)
+        mean = self.net.get_floats("mean", [0.0] * self.input_channels)
+        std = self.net.get_floats("std", [1.0] * self.input_channels)
+        for key, values in (("mean", mean), ("std", std)):
+            if len(values) != self.input_channels:
+                raise self.net.error(f"'{key}' needs {self.input_channels} values", key)
+        if min(std) <= 0:
+            raise self.net.error("'std' values must be positive", "std")
+        self.normalises = self.flip_channels or self.input_scale != 1.0 or any(mean) or std != [1.0] * len(std)
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.normalises:
+            return x
+        if self.flip_channels:
+            x = x.flip(1)
+        return (x * self.input_scale - self.input_mean) / self.input_std
 
     def _build(self, sections: list[Section]) -> None:
         table = builders()
@@ -83,38 +114,55 @@ class Model(nn.Module):
         return pairs
 
     def _run(self, x: torch.Tensor, keep_all: bool):
+        """One pass: every kept output, each head's input (raw logits) and its decode (eval)."""
         outputs: list = [None] * len(self.layers)
         net_hw = (x.shape[2], x.shape[3])
-        decoded = []
+        x = self.normalise(x)
+        decoded, head_inputs = [], []
         for i, layer in enumerate(self.layers):
+            is_head = i in self.head_indices
+            if is_head:
+                head_inputs.append(x)
             x = layer(x, outputs)
             if keep_all or i in self._keep:
                 outputs[i] = x
-            if i in self.head_indices and not self.training:
+            if is_head and not self.training:
                 decoded.append(layer.decode(x, net_hw))
-        return outputs, decoded, x
+        return outputs, decoded, head_inputs, x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Eval: (B, N, 5+C) decoded predictions. Train: every head's activated output."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """Eval: (B, N, 5+C) decoded predictions, heads concatenated in cfg order.
+
+        Train: with `targets` (rows of image_index, class, cx, cy, w, h, normalised) the total
+        loss and a dict of its parts; without, each head's raw input (logits).
+        """
+        _, decoded, head_inputs, last = self._run(x, keep_all=False)
         if self.training:
-            outputs: list = [None] * len(self.layers)
-            heads = []
-            for i, layer in enumerate(self.layers):
-                x = layer(x, outputs)
-                if i in self._keep:
-                    outputs[i] = x
-                if i in self.head_indices:
-                    heads.append(x)
-            return heads
-        _, decoded, last = self._run(x, keep_all=False)
+            if targets is None:
+                return head_inputs
+            return self.loss(head_inputs, targets, (x.shape[2], x.shape[3]))
         if not decoded:
             return last
         return decoded[0] if len(decoded) == 1 else torch.cat(decoded, 1)
 
+    def loss(self, head_inputs: list[torch.Tensor], targets: torch.Tensor,
+             net_hw: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sum of every head's loss (darknet's: summed over the batch, not averaged).
+
+        Each head's `loss(raw, targets, net_hw, seen)` returns a dict of named parts whose sum is
+        that head's loss; parts with the same name are added across heads.
+        """
+        parts: dict[str, torch.Tensor] = {}
+        for head, raw in zip(self.heads, head_inputs, strict=True):
+            for name, value in head.loss(raw, targets, net_hw, self.seen).items():
+                parts[name] = parts[name] + value if name in parts else value
+        total = sum(parts.values()) if parts else head_inputs[0].sum() * 0
+        return total, parts
+
     @torch.no_grad()
     def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's output in darknet layout (for [yolo]/[region]: darknet's l.output)."""
-        outputs, _, _ = self._run(x, keep_all=True)
+        outputs, _, _, _ = self._run(x, keep_all=True)
         return outputs
 
 
