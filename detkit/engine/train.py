@@ -1,0 +1,354 @@
+"""The trainer: darknet's schedule and SGD, gradient accumulation over subdivisions, AMP, EMA,
+atomic resumable checkpoints, a NaN guard, evaluation and a metrics CSV. Heads stay opaque: the
+trainer only calls `model(x, targets) -> (loss, parts)` and `model(x)` for evaluation."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..boxes import postprocess
+from ..data.augment import DarknetAugment
+from ..data.dataset import DetectionDataset, ResumableSampler, Sample, collate
+from ..errors import DetkitError
+from ..model import Model, model_from_cfg
+from ..weights import load_darknet_weights, save_darknet_weights
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import ImageDetections, ImageTruth, evaluate_voc
+from .schedule import Schedule, parameter_groups
+
+log = logging.getLogger("detkit")
+
+
+@dataclass
+class TrainOptions:
+    cfg: Path
+    train: list[Sample]
+    val: list[Sample] = field(default_factory=list)
+    out: Path = Path("runs/train/exp")
+    weights: Path | None = None
+    cutoff: int | None = None
+    resume: bool = False
+    device: str = "cpu"
+    max_batches: int | None = None      # overrides [net]
+    batch: int | None = None
+    subdivisions: int | None = None
+    learning_rate: float | None = None
+    burn_in: int | None = None
+    eval_interval: int = 100            # iterations between evaluations (0: only at the end)
+    checkpoint_interval: int = 50
+    workers: int = 2
+    amp: str = "none"                   # none | fp16 | bf16 (CUDA)
+    ema: float = 0.0                    # decay, 0 disables
+    multiscale: bool | None = None      # None: the last head's random=1
+    augment: bool = True
+    seed: int = 0
+    max_nan_steps: int = 10
+    quiet: bool = False
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    best_map: float
+    last_map: float
+    history: list[dict]
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class Trainer:
+    def __init__(self, options: TrainOptions) -> None:
+        self.options = options
+        self.rank, self.world = distributed_context()
+        torch.manual_seed(options.seed)
+        random.seed(options.seed)
+        self.device = torch.device(options.device)
+        self.model = model_from_cfg(options.cfg)
+        if not self.model.heads:
+            raise DetkitError(f"{options.cfg}: has no detection layer to train")
+        if options.weights is not None and not options.resume:
+            self._load_pretrained(options.weights, options.cutoff)
+        self.model.to(self.device)
+        self.hyper = self._hyper()
+        self.schedule = Schedule.from_net(self.model.net)
+        self._apply_overrides()
+        self.ema = copy.deepcopy(self.model).eval() if options.ema > 0 else None
+        self.optimizer = torch.optim.SGD(parameter_groups(self.model, self.hyper["decay"]),
+                                         lr=self.schedule.learning_rate, momentum=self.hyper["momentum"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and self.device.type == "cuda")
+        self.iteration, self.best_map, self.history = 0, -1.0, []
+        options.out.mkdir(parents=True, exist_ok=True)
+        if options.resume:
+            self._resume(options.out / "last.pt")
+        self.train_model = self._wrap_ddp(self.model)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _load_pretrained(self, weights: Path, cutoff: int | None) -> None:
+        """Darknet .weights (optionally the first `cutoff` layers) or a detkit .pt."""
+        if weights.suffix in (".pt", ".pth"):
+            from ..checkpoint import load_checkpoint_into
+
+            load_checkpoint_into(self.model, weights)
+            return
+        report = load_darknet_weights(self.model, weights, cutoff=cutoff, partial=cutoff is None)
+        log.info("pretrained: %d layers from %s", report.layers_loaded, weights)
+
+    def _hyper(self) -> dict:
+        net = self.model.net
+        hyper = {
+            "batch": net.get_int("batch", 1), "subdivisions": net.get_int("subdivisions", 1),
+            "momentum": net.get_float("momentum", 0.9), "decay": net.get_float("decay", 0.0001),
+            "jitter": self.model.heads[-1].jitter, "hue": net.get_float("hue", 0.0),
+            "saturation": net.get_float("saturation", 1.0), "exposure": net.get_float("exposure", 1.0),
+            "random": bool(getattr(self.model.heads[-1], "random", 0)),
+        }
+        return hyper
+
+    def _apply_overrides(self) -> None:
+        o = self.options
+        for key in ("batch", "subdivisions"):
+            if getattr(o, key) is not None:
+                self.hyper[key] = getattr(o, key)
+        if o.max_batches is not None:
+            self.schedule.max_batches = o.max_batches
+        if o.learning_rate is not None:
+            self.schedule.learning_rate = o.learning_rate
+        if o.burn_in is not None:
+            self.schedule.burn_in = o.burn_in
+        if self.hyper["batch"] % (self.hyper["subdivisions"] * self.world):
+            raise DetkitError(f"batch={self.hyper['batch']} must divide by subdivisions="
+                              f"{self.hyper['subdivisions']} x processes={self.world}")
+        if self.schedule.max_batches <= 0:
+            raise DetkitError("max_batches must be positive ([net] max_batches or --max-batches)")
+
+    def _wrap_ddp(self, model):
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "iteration": self.iteration,
+                "seen": self.model.seen, "best_map": self.best_map,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "torch_rng": torch.get_rng_state(), "cfg": str(self.options.cfg)}
+
+    def save(self, name: str = "last.pt") -> None:
+        if self.rank == 0:
+            save_checkpoint(self.options.out / name, self._state())
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.iteration, self.model.seen = int(state["iteration"]), int(state["seen"])
+        self.best_map = float(state["best_map"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # -- data -------------------------------------------------------------------------------
+    def _loader(self):
+        settings = DarknetAugment(jitter=self.hyper["jitter"], hue=self.hyper["hue"],
+                                  saturation=self.hyper["saturation"], exposure=self.hyper["exposure"]) \
+            if self.options.augment else None
+        dataset = DetectionDataset(self.options.train, self.model.input_size, settings,
+                                   seed=self.options.seed, max_boxes=self.model.heads[-1].max_boxes)
+        micro = self.hyper["batch"] // self.hyper["subdivisions"] // self.world
+        sampler = ResumableSampler(dataset, seed=self.options.seed,
+                                   start=self.iteration * self.hyper["batch"], rank=self.rank, world=self.world)
+        return torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, collate_fn=collate,
+                                           num_workers=self.options.workers,
+                                           persistent_workers=self.options.workers > 0)
+
+    def _scale_for(self, iteration: int) -> tuple[int, int]:
+        """Darknet multi-scale: every 10 iterations a size in [320, 608] (step 32), 608 at the end."""
+        random_sizes = self.options.multiscale if self.options.multiscale is not None else self.hyper["random"]
+        if not random_sizes:
+            return self.model.input_size
+        if iteration >= self.schedule.max_batches - 200:
+            return (608, 608)
+        generator = torch.Generator().manual_seed(self.options.seed * 100003 + iteration // 10)
+        dim = (int(torch.randint(0, 10, (1,), generator=generator)) + 10) * 32
+        return (dim, dim)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        loader = iter(self._loader())
+        nan_steps = 0
+        stop = {"now": False}
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+        bar = tqdm(total=self.schedule.max_batches, initial=self.iteration, disable=self.options.quiet or self.rank,
+                   desc="train", unit="it")
+        last_map = self.best_map
+        try:
+            while self.iteration < self.schedule.max_batches and not stop["now"]:
+                started = time.perf_counter()
+                loss, parts, finite = self._step(loader)
+                nan_steps = 0 if finite else nan_steps + 1
+                if nan_steps >= self.options.max_nan_steps:
+                    raise DetkitError(f"loss was not finite for {nan_steps} iterations in a row "
+                                      f"(iteration {self.iteration}): lower the learning rate or check the labels")
+                self.iteration += 1
+                rate = self.hyper["batch"] / (time.perf_counter() - started)
+                self._log(bar, loss, parts, rate)
+                if self.iteration % self.options.checkpoint_interval == 0:
+                    self.save()
+                if self.options.eval_interval and self.iteration % self.options.eval_interval == 0:
+                    last_map = self._evaluate_and_keep_best()
+            if not stop["now"] and (not self.options.eval_interval
+                                    or self.iteration % self.options.eval_interval):
+                last_map = self._evaluate_and_keep_best()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            bar.close()
+            self.save()
+            if self.rank == 0:
+                save_darknet_weights(self.ema or self.model, self.options.out / "last.weights", seen=self.model.seen)
+        if stop["now"]:
+            raise KeyboardInterrupt
+        return TrainResult(self.iteration, self.best_map, last_map, self.history)
+
+    def _step(self, loader) -> tuple[float, dict, bool]:
+        """One darknet iteration: `subdivisions` forward/backward passes, then one update."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.rate(self.iteration)
+        self.model.train()
+        size = self._scale_for(self.iteration)
+        total, parts_sum = 0.0, {}
+        local_batch = self.hyper["batch"] // self.world
+        for _ in range(self.hyper["subdivisions"]):
+            images, targets, _ = next(loader)
+            x = images.to(self.device, non_blocking=True).float().div_(255)
+            if (x.shape[3], x.shape[2]) != size:
+                x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False)
+            with self._autocast():
+                loss, parts = self.train_model(x, targets.to(self.device))
+            self.scaler.scale(loss / local_batch).backward()
+            total += float(loss.detach())
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach())
+        self.model.seen += self.hyper["batch"]
+        finite = math.isfinite(total) and self._grads_finite()
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self._update_ema()
+        else:
+            log.warning("iteration %d: loss or gradient not finite; update skipped", self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / self.hyper["batch"], {k: v / self.hyper["batch"] for k, v in parts_sum.items()}, finite
+
+    def _autocast(self):
+        if self.options.amp == "none" or self.device.type != "cuda":
+            return torch.autocast("cpu", enabled=False)
+        dtype = torch.bfloat16 if self.options.amp == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _grads_finite(self) -> bool:
+        if self.scaler.is_enabled():
+            return True  # the scaler skips steps with inf/NaN gradients itself
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.options.ema * (1 - math.exp(-self.iteration / 2000))  # warm-up, as ultralytics
+        with torch.no_grad():
+            for ema_t, t in zip(self.ema.state_dict().values(), self.model.state_dict().values(), strict=True):
+                if ema_t.dtype.is_floating_point:
+                    ema_t.mul_(decay).add_(t.detach(), alpha=1 - decay)
+                else:
+                    ema_t.copy_(t)
+
+    def _log(self, bar, loss: float, parts: dict, rate: float) -> None:
+        postfix = {"loss": f"{loss:.3f}", "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                   "img/s": f"{rate:.1f}"}
+        postfix.update({k: f"{v:.3f}" for k, v in parts.items()})
+        if self.device.type == "cuda":
+            postfix["mem"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        self.history.append({"iteration": self.iteration, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                             **parts})
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _evaluate_and_keep_best(self) -> float:
+        if not self.options.val or self.rank != 0:
+            return -1.0
+        model = self.ema or self.model
+        result = evaluate_samples(model, self.options.val, self.device)
+        mean_ap = result.map
+        self._write_metrics(mean_ap)
+        if mean_ap > self.best_map:
+            self.best_map = mean_ap
+            save_checkpoint(self.options.out / "best.pt", self._state())
+        log.info("iteration %d: mAP@0.5 %.4f (best %.4f)", self.iteration, mean_ap, self.best_map)
+        return mean_ap
+
+    def _write_metrics(self, mean_ap: float) -> None:
+        path = self.options.out / "metrics.csv"
+        recent = self.history[-1] if self.history else {}
+        row = {"iteration": self.iteration, "seen": self.model.seen, "map50": mean_ap,
+               "loss": recent.get("loss", float("nan")), "lr": recent.get("lr", float("nan"))}
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+@torch.no_grad()
+def evaluate_samples(model: Model, samples: list[Sample], device, batch: int = 8,
+                     conf_thresh: float = 0.005, nms_thresh: float = 0.45, use_07_metric: bool = False):
+    """VOC mAP@0.5 at darknet's evaluation thresholds, in letterboxed network coordinates.
+
+    Letterboxing scales uniformly, so IoU, and therefore AP, equals that in image pixels.
+    """
+    was_training = model.training
+    model.eval()
+    dataset = DetectionDataset(samples, model.input_size, None)
+    net_w, net_h = model.input_size
+    scale = np.array([net_w, net_h, net_w, net_h], np.float64)
+    detections, truths = [], []
+    for start in range(0, len(dataset), batch):
+        items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+        x = torch.stack([item[0] for item in items]).to(device).float().div_(255)
+        for out, (_, target, index) in zip(postprocess(model(x), conf_thresh, nms_thresh), items, strict=True):
+            out = out.cpu().double().numpy()
+            detections.append(ImageDetections(out[:, :4], out[:, 4], out[:, 5].astype(int)))
+            boxes = target[:, 1:].double().numpy() * scale
+            xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+            difficult = samples[index].difficult
+            truths.append(ImageTruth(xyxy, target[:, 0].long().numpy(),
+                                     None if difficult is None else difficult[: len(xyxy)]))
+    model.train(was_training)
+    return evaluate_voc(detections, truths, use_07_metric=use_07_metric)
