@@ -28,6 +28,16 @@ def rand_scale(rng: np.random.Generator, s: float) -> float:
     return scale if rng.random() < 0.5 else 1.0 / scale
 
 
+def letterbox_placement(width: int, height: int, net_w: int, net_h: int) -> tuple[float, float, float, float]:
+    """Where the centred letterbox puts an image: (dx, dy, new_w, new_h) in network pixels."""
+    aspect = width / height
+    if aspect < net_w / net_h:
+        new_h, new_w = net_h, max(1, int(round(aspect * net_h)))
+    else:
+        new_w, new_h = net_w, max(1, int(round(net_w / aspect)))
+    return float(int((net_w - new_w) / 2)), float(int((net_h - new_h) / 2)), float(new_w), float(new_h)
+
+
 def place(image: np.ndarray, net_w: int, net_h: int, jitter: float,
           rng: np.random.Generator | None) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Jittered aspect, long side fills the net, random offset on 0.5 gray (data.c l.1036).

@@ -327,28 +327,51 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate_samples(model: Model, samples: list[Sample], device, batch: int = 8,
-                     conf_thresh: float = 0.005, nms_thresh: float = 0.45, use_07_metric: bool = False):
-    """VOC mAP@0.5 at darknet's evaluation thresholds, in letterboxed network coordinates.
-
-    Letterboxing scales uniformly, so IoU, and therefore AP, equals that in image pixels.
-    """
+def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_thresh: float = 0.005,
+                    nms_thresh: float = 0.45) -> tuple[list[ImageDetections], list[ImageTruth]]:
+    """Letterboxed inference on every sample; detections and truths in original-image pixels."""
     was_training = model.training
     model.eval()
     dataset = DetectionDataset(samples, model.input_size, None)
     net_w, net_h = model.input_size
-    scale = np.array([net_w, net_h, net_w, net_h], np.float64)
     detections, truths = [], []
     for start in range(0, len(dataset), batch):
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
         x = torch.stack([item[0] for item in items]).to(device).float().div_(255)
-        for out, (_, target, index) in zip(postprocess(model(x), conf_thresh, nms_thresh), items, strict=True):
+        for out, (_, _, index) in zip(postprocess(model(x), conf_thresh, nms_thresh), items, strict=True):
+            sample = samples[index]
+            width, height = image_size(sample.image)
+            dx, dy, new_w, new_h = place_only(width, height, net_w, net_h)
             out = out.cpu().double().numpy()
-            detections.append(ImageDetections(out[:, :4], out[:, 4], out[:, 5].astype(int)))
-            boxes = target[:, 1:].double().numpy() * scale
-            xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
-            difficult = samples[index].difficult
-            truths.append(ImageTruth(xyxy, target[:, 0].long().numpy(),
-                                     None if difficult is None else difficult[: len(xyxy)]))
+            scale = np.array([width / new_w, height / new_h, width / new_w, height / new_h])
+            boxes = (out[:, :4] - [dx, dy, dx, dy]) * scale
+            detections.append(ImageDetections(boxes, out[:, 4], out[:, 5].astype(int)))
+            truths.append(truth_in_pixels(sample, width, height))
     model.train(was_training)
+    return detections, truths
+
+
+def image_size(path) -> tuple[int, int]:
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return (image.shape[1], image.shape[0]) if image is not None else (1, 1)
+
+
+def place_only(width: int, height: int, net_w: int, net_h: int) -> tuple[float, float, float, float]:
+    from ..data.augment import letterbox_placement
+
+    return letterbox_placement(width, height, net_w, net_h)
+
+
+def truth_in_pixels(sample, width: int, height: int) -> ImageTruth:
+    boxes = sample.boxes.astype(np.float64) * [width, height, width, height]
+    xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+    difficult = getattr(sample, "difficult", None)
+    return ImageTruth(xyxy, sample.classes.astype(int), difficult, width, height)
+
+
+def evaluate_samples(model: Model, samples: list, device, use_07_metric: bool = False, **kwargs):
+    """VOC mAP@0.5 at darknet's evaluation thresholds (0.005, NMS 0.45)."""
+    detections, truths = predict_samples(model, samples, device, **kwargs)
     return evaluate_voc(detections, truths, use_07_metric=use_07_metric)

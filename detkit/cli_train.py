@@ -1,0 +1,128 @@
+"""`detkit train` and `detkit eval`: argument parsing around detkit.engine.train/evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import DataError, DetkitError
+
+log = logging.getLogger("detkit")
+
+
+def pick_device(device: Optional[str]) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_split(data: Path, split: str, names=None):
+    """Items of one split that have an image (others are reported once, then left out)."""
+    from .data import read_dataset
+
+    dataset = read_dataset(data, split=split, names=names, missing_labels="error", progress=False)
+    usable = [item for item in dataset.items if item.image is not None]
+    if len(usable) < len(dataset.items):
+        log.warning("%s: %d of %d %s images not found; left out", data, len(dataset.items) - len(usable),
+                    len(dataset.items), split)
+    if not usable:
+        raise DataError(f"{data}: no {split} images found")
+    return usable, dataset.names
+
+
+def next_run_dir(root: Path) -> Path:
+    from .engine.outputs import next_run_dir as numbered
+
+    return numbered(root, "exp")
+
+
+def train(
+    data: Path = typer.Option(..., "--data", help="darknet .data, image list, VOC folder or COCO json"),
+    cfg: Path = typer.Option(..., "--cfg", help="network .cfg (its [net] gives the schedule)"),
+    weights: Optional[Path] = typer.Option(None, help="pretrained darknet .weights or detkit .pt"),
+    cutoff: Optional[int] = typer.Option(None, help="load only layers 0..N-1 of --weights"),
+    val: Optional[Path] = typer.Option(None, help="validation data (default: the .data valid= list)"),
+    out: Optional[Path] = typer.Option(None, help="run folder (default: runs/train/expN)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from last.pt"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    max_batches: Optional[int] = typer.Option(None, help="iterations (overrides [net])"),
+    batch: Optional[int] = typer.Option(None, help="images per iteration (overrides [net])"),
+    subdivisions: Optional[int] = typer.Option(None, help="gradient accumulation steps"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (overrides [net])"),
+    burn_in: Optional[int] = typer.Option(None, help="warm-up iterations (overrides [net])"),
+    eval_interval: int = typer.Option(100, help="iterations between evaluations (0: at the end)"),
+    checkpoint_interval: int = typer.Option(50, help="iterations between last.pt checkpoints"),
+    workers: int = typer.Option(2, help="DataLoader worker processes"),
+    amp: str = typer.Option("none", help="none, fp16 or bf16 (CUDA only)"),
+    ema: float = typer.Option(0.0, help="EMA decay of the weights (0: off; 0.9999 typical)"),
+    seed: int = typer.Option(0, help="random seed (data order and augmentation)"),
+    no_augment: bool = typer.Option(False, "--no-augment", help="no jitter/HSV/flip"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Train a detector; writes last.pt, best.pt (by mAP@0.5), last.weights and metrics.csv."""
+    from .engine.train import TrainOptions, Trainer
+
+    train_items, names = load_split(data, "train")
+    if val is not None:
+        val_items, _ = load_split(val, "valid", names=names or None)
+    elif data.suffix == ".data":
+        val_items, _ = load_split(data, "valid")
+    else:
+        val_items = []
+    run_dir = resume or out or next_run_dir(Path("runs/train"))
+    options = TrainOptions(
+        cfg=cfg, train=train_items, val=val_items, out=run_dir, weights=weights, cutoff=cutoff,
+        resume=resume is not None, device=pick_device(device), max_batches=max_batches, batch=batch,
+        subdivisions=subdivisions, learning_rate=lr, burn_in=burn_in, eval_interval=eval_interval,
+        checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema,
+        augment=not no_augment, seed=seed, quiet=quiet)
+    result = Trainer(options).train()
+    typer.echo(f"done: {result.iterations} iterations; mAP@0.5 last {result.last_map:.4f}, "
+               f"best {result.best_map:.4f}; run folder {run_dir}")
+
+
+def evaluate(
+    cfg: Path = typer.Option(..., "--cfg", help="network .cfg"),
+    weights: Path = typer.Option(..., "--weights", help="darknet .weights or detkit .pt"),
+    data: Path = typer.Option(..., "--data", help="darknet .data (valid=), image list, VOC folder, COCO json"),
+    split: str = typer.Option("valid", help="which list of a .data file"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    conf: float = typer.Option(0.005, help="candidate threshold (darknet's valid: 0.005)"),
+    nms: float = typer.Option(0.45, help="NMS IoU threshold"),
+    batch: int = typer.Option(8, help="images per forward pass"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
+) -> None:
+    """mAP: Pascal VOC (2007 11-point and area under the curve) and COCO (pycocotools)."""
+    from . import load_model
+    from .engine.evaluate import coco_json, evaluate_coco, evaluate_voc
+    from .engine.train import predict_samples
+
+    items, names = load_split(data, split)
+    device = pick_device(device)
+    model = load_model(cfg, weights, device=device)
+    detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms)
+    voc = evaluate_voc(detections, truths)
+    voc07 = evaluate_voc(detections, truths, use_07_metric=True)
+    coco = evaluate_coco(detections, truths, model.num_classes)
+    typer.echo(f"{len(items)} images, {sum(len(t.classes) for t in truths)} boxes, "
+               f"{sum(len(d.scores) for d in detections)} detections (conf {conf}, nms {nms})")
+    typer.echo(f"{'class':20s} {'AP50 (AUC)':>10s} {'AP50 (VOC07)':>12s}")
+    for cls, ap in voc.ap.items():
+        name = names[cls] if cls < len(names) else str(cls)
+        typer.echo(f"{name:20s} {ap:10.4f} {voc07.ap[cls]:12.4f}")
+    typer.echo(f"{'mAP@0.5':20s} {voc.map:10.4f} {voc07.map:12.4f}")
+    typer.echo("COCO: " + "  ".join(f"{k} {v:.4f}" for k, v in coco.items()))
+    if json_out is not None:
+        json_out.write_text(json.dumps(coco_json(detections, list(range(1, len(items) + 1)))))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("eval")(evaluate)
+
+
+__all__ = ["register", "DetkitError"]

@@ -1,0 +1,210 @@
+"""Trainer behaviour on a tiny synthetic data set: resume equals an uninterrupted run, a SIGKILL
+mid-run still resumes, two DDP processes equal one, the NaN guard, and a detector that learns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detkit.data.dataset import Sample
+from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.train import TrainOptions, Trainer, evaluate_samples
+from detkit.errors import DetkitError
+
+CFG = """[net]
+batch=8
+subdivisions=2
+width=64
+height=64
+channels=3
+momentum=0.9
+decay=0.0005
+learning_rate=0.01
+burn_in=2
+max_batches=20
+policy=steps
+steps=15
+scales=.1
+hue=.05
+saturation=1.2
+exposure=1.2
+
+[convolutional]
+batch_normalize={bn}
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize={bn}
+filters=16
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+batch_normalize={bn}
+filters=32
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+filters=18
+size=1
+stride=1
+pad=1
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=10,10, 20,20, 30,30
+classes=1
+num=3
+jitter=.1
+ignore_thresh=.7
+truth_thresh=1
+random=0
+"""
+
+
+def make_data(root: Path, count: int, seed: int) -> list[Sample]:
+    """White squares on noise; one or two per image."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = rng.integers(0, 90, (64, 64, 3), dtype=np.uint8)
+        boxes = []
+        for _ in range(int(rng.integers(1, 3))):
+            size = int(rng.integers(10, 28))
+            x, y = int(rng.integers(0, 64 - size)), int(rng.integers(0, 64 - size))
+            image[y:y + size, x:x + size] = 255
+            boxes.append([(x + size / 2) / 64, (y + size / 2) / 64, size / 64, size / 64])
+        path = root / f"{i}.png"
+        cv2.imwrite(str(path), image)
+        samples.append(Sample(path, np.array(boxes, np.float32), np.zeros(len(boxes), np.int64)))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("squares")
+    (root / "tiny.cfg").write_text(CFG.format(bn=1))
+    (root / "tiny-nobn.cfg").write_text(CFG.format(bn=0))
+    return root, make_data(root / "train", 24, 0), make_data(root / "val", 8, 1)
+
+
+def options(data, out: Path, **overrides) -> TrainOptions:
+    root, train, val = data
+    base = dict(cfg=root / "tiny.cfg", train=train, val=val, out=out, workers=0,
+                eval_interval=0, checkpoint_interval=1, quiet=True, seed=3)
+    base.update(overrides)
+    return TrainOptions(**base)
+
+
+def trajectory(result) -> list[tuple[float, float]]:
+    return [(round(h["loss"], 4), h["lr"]) for h in result.history]
+
+
+def test_resume_continues_as_if_uninterrupted(data, tmp_path):
+    torch.set_num_threads(1)
+    whole = Trainer(options(data, tmp_path / "whole", max_batches=8)).train()
+    Trainer(options(data, tmp_path / "split", max_batches=4)).train()
+    rest = Trainer(options(data, tmp_path / "split", max_batches=8, resume=True)).train()
+    assert rest.iterations == 8
+    assert trajectory(rest) == trajectory(whole)[4:]
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+RUNNER = """
+import sys, pickle
+from pathlib import Path
+from detkit.engine.train import TrainOptions, Trainer
+options = pickle.loads(Path(sys.argv[1]).read_bytes())
+Trainer(options).train()
+"""
+
+
+def test_sigkill_mid_run_resumes_from_last_good_checkpoint(data, tmp_path):
+    import pickle
+
+    out = tmp_path / "killed"
+    spec = tmp_path / "options.pkl"
+    spec.write_bytes(pickle.dumps(options(data, out, max_batches=200)))
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(spec)])
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "last.pt").exists():
+        time.sleep(0.2)
+    time.sleep(1.5)  # let it write a few more checkpoints; kill at an arbitrary moment
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(out / "last.pt")
+    done = int(state["iteration"])
+    assert 1 <= done < 200
+    resumed = Trainer(options(data, out, max_batches=done + 2, resume=True)).train()
+    assert resumed.iterations == done + 2 and len(resumed.history) == 2
+
+
+def test_nan_guard_aborts_with_a_message(data, tmp_path):
+    trainer = Trainer(options(data, tmp_path / "nan", max_batches=20, max_nan_steps=3))
+    with torch.no_grad():
+        trainer.model.layers[0].conv.weight.fill_(float("nan"))
+    with pytest.raises(DetkitError, match="not finite for 3 iterations"):
+        trainer.train()
+
+
+DDP_RUNNER = """
+import os, sys, pickle
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from detkit.engine.train import TrainOptions, Trainer
+options = pickle.loads(Path(sys.argv[1]).read_bytes())
+Trainer(options).train()
+"""
+
+
+def test_two_ddp_processes_equal_one(data, tmp_path):
+    """gloo on the CPU, a cfg without batch norm (local BN statistics differ by design)."""
+    import pickle
+
+    root = data[0]
+    single = Trainer(options(data, tmp_path / "one", cfg=root / "tiny-nobn.cfg", max_batches=4)).train()
+    assert single.iterations == 4
+    spec = tmp_path / "ddp.pkl"
+    spec.write_bytes(pickle.dumps(options(data, tmp_path / "two", cfg=root / "tiny-nobn.cfg", max_batches=4)))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29571")
+        procs.append(subprocess.Popen([sys.executable, "-c", DDP_RUNNER, str(spec)], env=env))
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    a = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.slow
+def test_detector_learns_squares(data, tmp_path):
+    trainer = Trainer(options(data, tmp_path / "learn", max_batches=60, eval_interval=0,
+                              checkpoint_interval=100))
+    before = evaluate_samples(trainer.model, data[2], "cpu").map
+    result = trainer.train()
+    assert result.last_map > before + 0.3, (before, result.last_map)
