@@ -248,13 +248,13 @@ class Trainer:
             x = images.to(self.device, non_blocking=True).float().div_(255)
             if (x.shape[3], x.shape[2]) != size:
                 x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False)
+            self.model.seen += self.hyper["batch"] // self.hyper["subdivisions"]  # darknet: before forward
             with self._autocast():
                 loss, parts = self.train_model(x, targets.to(self.device))
             self.scaler.scale(loss / local_batch).backward()
             total += float(loss.detach())
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach())
-        self.model.seen += self.hyper["batch"]
         finite = math.isfinite(total) and self._grads_finite()
         if finite:
             self.scaler.step(self.optimizer)

@@ -7,6 +7,7 @@ import torch
 from ..cfg import Section
 from ..layers.base import BuildContext, Layer, Shape
 from .common import anchor_pairs, flatten_predictions, grid_offsets
+from .region_loss import region_loss
 
 # Parsed by darknet but never used by it; read so they raise no "unused" warning.
 _IGNORED_KEYS = ("absolute", "classfix", "log", "sqrt", "mask_scale")
@@ -77,6 +78,15 @@ class RegionHead(Layer):
         bh = torch.exp(p[:, :, 3]) * anchors[:, 1].view(1, -1, 1, 1) * stride_y
         boxes = torch.stack([cx, cy, bw, bh], 2)
         return flatten_predictions(torch.cat([boxes, p[:, :, 4:]], 2))
+
+    def loss(self, raw: torch.Tensor, targets: torch.Tensor | None, net_hw: tuple[int, int],
+             seen: int = 0) -> dict[str, torch.Tensor]:
+        """Darknet's [region] loss parts (xy, wh, obj, noobj, cls) on this layer's input logits.
+
+        `seen` is darknet's *net->seen for this forward (the prior pull stops at 12,800 images);
+        anchors are in grid cells, so the network size is not needed. See heads/region_loss.py.
+        """
+        return region_loss(self, raw, targets, seen)
 
     def table_row(self, in_shape: Shape, out_shape: Shape) -> str:
         return "detection"

@@ -1,4 +1,4 @@
-"""[yolo] (YOLOv3) head: darknet's activation, decode and (later) targets and loss."""
+"""[yolo] (YOLOv3) head: darknet's activation and decode; targets and loss in yolo_loss.py."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from ..cfg import Section
 from ..layers.base import BuildContext, Layer, Shape
 from .common import anchor_pairs, flatten_predictions, grid_offsets
+from .yolo_loss import yolo_loss
 
 
 class YoloHead(Layer):
@@ -71,6 +72,15 @@ class YoloHead(Layer):
         bh = torch.exp(p[:, :, 3]) * anchors[:, 1].view(1, -1, 1, 1)
         boxes = torch.stack([cx, cy, bw, bh], 2)
         return flatten_predictions(torch.cat([boxes, p[:, :, 4:]], 2))
+
+    def loss(self, raw: torch.Tensor, targets: torch.Tensor | None, net_hw: tuple[int, int],
+             seen: int = 0) -> dict[str, torch.Tensor]:
+        """Darknet's [yolo] loss parts (xy, wh, obj, noobj, cls) on this layer's input logits.
+
+        `targets` rows are image_index, class, cx, cy, w, h (normalised); `seen` is unused by
+        [yolo] and accepted so every head has the same signature. See heads/yolo_loss.py.
+        """
+        return yolo_loss(self, raw, targets, net_hw)
 
     def table_row(self, in_shape: Shape, out_shape: Shape) -> str:
         return "yolo"
