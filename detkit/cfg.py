@@ -31,7 +31,7 @@ SUPPORTED_SECTIONS = {
 }
 KNOWN_UNSUPPORTED = {
     "local", "deconvolutional", "deconv", "crop", "detection", "iseg", "activation", "logistic",
-    "l2norm", "crnn", "gru", "lstm", "rnn", "normalization", "batchnorm", "reorg3d",
+    "crnn", "gru", "lstm", "rnn", "normalization", "batchnorm", "reorg3d",
     "sam", "scale_channels", "conv_lstm", "gaussian_yolo", "contrastive", "implicit_add",
     "implicit_mul", "empty", "silence", "upsample3d",
 }

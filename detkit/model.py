@@ -114,16 +114,23 @@ class Model(nn.Module):
         return pairs
 
     def _run(self, x: torch.Tensor, keep_all: bool):
-        """One pass: every kept output, each head's input (raw logits) and its decode (eval)."""
+        """One pass: every kept output, what each head's loss reads and its decode (eval).
+
+        A head's loss reads its input (raw logits), or its output when it sets
+        `loss_uses_output = True` (SSD: the head itself gathers several source maps).
+        """
         outputs: list = [None] * len(self.layers)
         net_hw = (x.shape[2], x.shape[3])
         x = self.normalise(x)
         decoded, head_inputs = [], []
         for i, layer in enumerate(self.layers):
             is_head = i in self.head_indices
-            if is_head:
+            uses_output = is_head and getattr(layer, "loss_uses_output", False)
+            if is_head and not uses_output:
                 head_inputs.append(x)
             x = layer(x, outputs)
+            if uses_output:
+                head_inputs.append(x)
             if keep_all or i in self._keep:
                 outputs[i] = x
             if is_head and not self.training:
@@ -134,7 +141,8 @@ class Model(nn.Module):
         """Eval: (B, N, 5+C) decoded predictions, heads concatenated in cfg order.
 
         Train: with `targets` (rows of image_index, class, cx, cy, w, h, normalised) the total
-        loss and a dict of its parts; without, each head's raw input (logits).
+        loss and a dict of its parts; without, what each head's loss reads: its raw input
+        (logits), or its output for heads with `loss_uses_output` (SSD).
         """
         _, decoded, head_inputs, last = self._run(x, keep_all=False)
         if self.training:

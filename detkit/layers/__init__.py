@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from .base import BuildContext, Layer, Shape
 from .conv import Connected, Convolutional
+from .l2norm import L2Norm
 from .simple import AvgPool, Cost, Dropout, MaxPool, Reorg, Route, Shortcut, Softmax, Upsample
 
 # detkit's own sections beyond darknet's (SSD and friends) add themselves here.
-EXTENSION_SECTIONS: set[str] = set()
+EXTENSION_SECTIONS: set[str] = {"l2norm", "ssd"}
 
 
 def builders() -> dict[str, type[Layer]]:
     from ..heads import RegionHead, YoloHead
+    from ..heads.ssd import SSDHead
 
     return {
         "convolutional": Convolutional,
@@ -27,6 +29,8 @@ def builders() -> dict[str, type[Layer]]:
         "cost": Cost,
         "yolo": YoloHead,
         "region": RegionHead,
+        "l2norm": L2Norm,
+        "ssd": SSDHead,
     }
 
 
