@@ -43,6 +43,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList()
         self._build(sections[1:])
         self._keep = self._needed_later()
+        self._release = self._release_schedule()
         heads = [layer for layer in self.layers if hasattr(layer, "decode")]
         self.num_classes = heads[-1].classes if heads else 0
         self.head_indices = [layer.index for layer in heads]
@@ -92,6 +93,17 @@ class Model(nn.Module):
 
     def _needed_later(self) -> set[int]:
         return {src for layer in self.layers for src in layer.sources}
+
+    def _release_schedule(self) -> dict[int, list[int]]:
+        """After layer i runs, the kept outputs nobody reads any more (their last reader is i)."""
+        last_reader: dict[int, int] = {}
+        for layer in self.layers:
+            for src in layer.sources:
+                last_reader[src] = max(last_reader.get(src, -1), layer.index)
+        schedule: dict[int, list[int]] = {}
+        for src, reader in last_reader.items():
+            schedule.setdefault(reader, []).append(src)
+        return schedule
 
     @property
     def heads(self) -> list[Layer]:

@@ -98,9 +98,10 @@ def test_activations_match_darknet_definitions(name, x, expected):
     assert ACTIVATIONS[name](torch.tensor([x])).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_only_routed_outputs_are_kept():
+def test_only_routed_outputs_are_kept_until_their_last_reader():
     model = model_from_cfg(DARKNET_CFG / "yolov3-tiny.cfg")
     assert model._keep == {8, 13, 19}
+    assert {k: sorted(v) for k, v in model._release.items()} == {17: [13], 20: [8, 19]}
 
 
 def test_dilated_conv_keeps_size_with_pad():

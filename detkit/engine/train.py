@@ -112,7 +112,9 @@ class Trainer:
 
             load_checkpoint_into(self.model, weights)
             return
-        report = load_darknet_weights(self.model, weights, cutoff=cutoff, partial=cutoff is None)
+        # Strict without a cutoff: loading 80-class weights into a 1-class cfg must fail, not shift
+        # every later float; --cutoff N takes the first N layers (heads re-initialised).
+        report = load_darknet_weights(self.model, weights, cutoff=cutoff)
         log.info("pretrained: %d layers from %s", report.layers_loaded, weights)
 
     def _hyper(self) -> dict:
