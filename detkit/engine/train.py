@@ -103,6 +103,7 @@ class Trainer:
         if options.resume:
             self._resume(options.out / "last.pt")
         self.train_model = self._wrap_ddp(self.model)
+        self._batch_mean_loss = all(getattr(h, "loss_is_batch_mean", False) for h in self.model.heads)
 
     # -- set-up -----------------------------------------------------------------------------
     def _load_pretrained(self, weights: Path, cutoff: int | None) -> None:
@@ -122,7 +123,7 @@ class Trainer:
         hyper = {
             "batch": net.get_int("batch", 1), "subdivisions": net.get_int("subdivisions", 1),
             "momentum": net.get_float("momentum", 0.9), "decay": net.get_float("decay", 0.0001),
-            "jitter": self.model.heads[-1].jitter, "hue": net.get_float("hue", 0.0),
+            "jitter": getattr(self.model.heads[-1], "jitter", 0.2), "hue": net.get_float("hue", 0.0),
             "saturation": net.get_float("saturation", 1.0), "exposure": net.get_float("exposure", 1.0),
             "random": bool(getattr(self.model.heads[-1], "random", 0)),
         }
@@ -181,7 +182,7 @@ class Trainer:
                                   saturation=self.hyper["saturation"], exposure=self.hyper["exposure"]) \
             if self.options.augment else None
         dataset = DetectionDataset(self.options.train, self.model.input_size, settings,
-                                   seed=self.options.seed, max_boxes=self.model.heads[-1].max_boxes)
+                                   seed=self.options.seed, max_boxes=getattr(self.model.heads[-1], "max_boxes", 200))
         micro = self.hyper["batch"] // self.hyper["subdivisions"] // self.world
         sampler = ResumableSampler(dataset, seed=self.options.seed,
                                    start=self.iteration * self.hyper["batch"], rank=self.rank, world=self.world)
@@ -244,7 +245,9 @@ class Trainer:
         self.model.train()
         size = self._scale_for(self.iteration)
         total, parts_sum = 0.0, {}
-        local_batch = self.hyper["batch"] // self.world
+        # Darknet heads return a sum over images (divide by the batch); a head whose loss is
+        # already a batch mean (SSD, as torchvision) is averaged over the micro-batches instead.
+        divisor = self.hyper["subdivisions"] if self._batch_mean_loss else self.hyper["batch"] // self.world
         for _ in range(self.hyper["subdivisions"]):
             images, targets, _ = next(loader)
             x = images.to(self.device, non_blocking=True).float().div_(255)
@@ -253,7 +256,7 @@ class Trainer:
             self.model.seen += self.hyper["batch"] // self.hyper["subdivisions"]  # darknet: before forward
             with self._autocast():
                 loss, parts = self.train_model(x, targets.to(self.device))
-            self.scaler.scale(loss / local_batch).backward()
+            self.scaler.scale(loss / divisor).backward()
             total += float(loss.detach())
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach())
@@ -265,7 +268,8 @@ class Trainer:
         else:
             log.warning("iteration %d: loss or gradient not finite; update skipped", self.iteration)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / self.hyper["batch"], {k: v / self.hyper["batch"] for k, v in parts_sum.items()}, finite
+        per = self.hyper["subdivisions"] if self._batch_mean_loss else self.hyper["batch"]
+        return total / per, {k: v / per for k, v in parts_sum.items()}, finite
 
     def _autocast(self):
         if self.options.amp == "none" or self.device.type != "cuda":

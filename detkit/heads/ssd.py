@@ -150,6 +150,10 @@ class SSDHead(Layer):
         priors = self.priors(net_hw, device, dtype)
         return build_targets(targets, batch, priors, self.iou_thresh, self.background, self.variances)
 
+    # torchvision's normalisation: the loss is already a mean over the batch's positives, where
+    # darknet heads sum over images; the trainer divides by the batch only for the latter.
+    loss_is_batch_mean = True
+
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, net_hw: tuple[int, int],
              seen: int = 0) -> dict[str, torch.Tensor]:
         """{"loc": Smooth L1, "cls": cross-entropy with hard negatives}, each / positives."""
