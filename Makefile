@@ -74,3 +74,18 @@ lint: install
 
 clean-assets:
 	rm -rf assets weights
+
+# detkit vs OpenCV DNN 4.x (own venv), the reference darknet and onnxruntime, one run side by
+# side (bench/peers.py); tables in bench/results/. Pins 2 threads for every peer.
+.PHONY: bench-peers
+OPENCV_VENV := bench/.venv-opencv
+BENCH_THREADS ?= 2
+
+$(OPENCV_VENV)/.installed:
+	test -x $(OPENCV_VENV)/bin/python || python3 -m venv $(OPENCV_VENV)
+	$(OPENCV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPENCV_VENV)/bin/python -m pip install -q "opencv-python-headless<5" numpy
+	touch $@
+
+bench-peers: install darknet weights/yolov3-tiny.weights $(OPENCV_VENV)/.installed
+	$(PY) bench/peers.py --threads $(BENCH_THREADS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torchvision.ops import batched_nms
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -24,6 +23,9 @@ def postprocess(preds: torch.Tensor, conf_thresh: float = 0.5, nms_thresh: float
     conf_thresh becomes one (box, score, class) row; greedy NMS per image and class. Returns per
     image a (K, 6) tensor x1, y1, x2, y2, score, class, sorted by score, at most max_det rows.
     """
+    # imported here: torchvision costs ~1 s of CLI start-up that most commands never need
+    from torchvision.ops import batched_nms
+
     batch, _, width = preds.shape
     num_classes = width - 5
     image_idx, anchor_idx = (preds[..., 4] > conf_thresh).nonzero(as_tuple=True)

@@ -36,35 +36,67 @@ def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
     return (values[0], values[-1])
 
 
+def parse_batches(text: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]; every value a positive integer."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DetkitError(f"--batch '{text}' is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise DetkitError(f"--batch '{text}': batch sizes must be positive")
+    return values
+
+
 @app.command()
 def benchmark(
     cfg: Path = typer.Argument(..., help="darknet .cfg file"),
-    weights: Optional[Path] = typer.Option(None, help="weights to load (not needed for timing)"),
-    img_size: Optional[str] = typer.Option(None, "--img-size", help="input size W or WxH"),
-    fps: bool = typer.Option(True, "--fps/--no-fps", help="time the forward pass"),
-    batch: str = typer.Option("1", help="batch sizes to time, comma separated"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1"),
-    warmup: int = typer.Option(3, help="untimed warm-up iterations"),
-    iters: int = typer.Option(20, help="timed iterations per batch size"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
+    weights: Path | None = typer.Option(None, help="weights to load (not needed for timing)"),
+    img_size: str | None = typer.Option(None, "--img-size", help="input size W or WxH"),
+    fps: bool = typer.Option(True, "--fps/--no-fps", help="time the network (--no-fps: only "
+                             "the layer table)"),
+    batch: str = typer.Option("1", help="batch sizes to time, comma separated: 1,8,32,64"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if "
+                                         "available)"),
+    half: bool = typer.Option(False, "--half", help="float16 (CUDA)"),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 (CUDA)"),
+    fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (folded "
+                              "BN, channels-last, fused/Winograd conv on CPU, CUDA graphs) or "
+                              "the eager model"),
+    compile: bool = typer.Option(False, "--compile", help="also torch.compile the network"),
+    warmup: int = typer.Option(5, help="untimed warm-up iterations per batch size"),
+    iters: int = typer.Option(30, help="timed iterations per batch size"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch "
+                                          "(default: torch's choice)"),
+    end_to_end: bool = typer.Option(True, "--e2e/--no-e2e", help="also time letterbox + "
+                                    "forward + decode + NMS on 640x480 images"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the results as JSON"),
 ) -> None:
-    """Print darknet's layer table with BFLOPs and parameters, then latency and FPS."""
+    """Print darknet's layer table with BFLOPs and parameters, then latency p50/p90/p99,
+    images/s, peak memory and achieved TFLOP/s per batch size."""
     from . import load_model
-    from .bench import layer_table, time_forward
+    from .bench import layer_table, run_benchmark
 
+    if half and bf16:
+        raise DetkitError("--half and --bf16 exclude each other")
+    batches = parse_batches(batch)
+    if threads is not None:
+        if threads < 1:
+            raise DetkitError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
     model = load_model(cfg, weights)
     size = parse_size(img_size) or model.input_size
+    model.shapes(size)  # a size the graph cannot take fails here, with the layer named
     table = layer_table(model, size)
     typer.echo(table.format())
     result = table.to_dict()
     if fps:
-        result["timings"] = []
-        for b in [int(v) for v in batch.split(",") if v]:
-            timing = time_forward(model, size, batch=b, warmup=warmup, iters=iters, device=device)
-            typer.echo(f"batch {b:3d}: latency p50 {timing.latency_ms_p50:8.2f} ms  "
-                       f"p90 {timing.latency_ms_p90:8.2f} ms  {timing.images_per_s:9.1f} images/s "
-                       f"({device}, forward only)")
-            result["timings"].append(timing.__dict__)
+        report = run_benchmark(model, str(cfg), size, batches, device=device, fast=fast,
+                               half=half, bf16=bf16, compile=compile, warmup=warmup, iters=iters,
+                               end_to_end=end_to_end, progress=sys.stderr.isatty())
+        typer.echo(report.format())
+        result["benchmark"] = report.to_dict()
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
 
@@ -102,6 +134,11 @@ def detect(
                                    "subfolders of folder sources"),
     letterbox: bool = typer.Option(True, "--letterbox/--no-letterbox", help="darknet letterbox "
                                    "(aspect kept, gray bars) or stretch to the input size"),
+    fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (folded "
+                              "BN, channels-last, fused/Winograd conv on CPU, CUDA graphs) or "
+                              "the eager model"),
+    backend: str = typer.Option("torch", "--backend", help="torch, or onnxruntime (CPU: the "
+                                "network's checked ONNX export, cached in ~/.cache/detkit)"),
 ) -> None:
     """Detect objects in images, videos, cameras and streams; save annotated copies."""
     import os
@@ -136,7 +173,8 @@ def detect(
         try:
             detector = Detector(cfg, weights, device=device, conf_thresh=conf, nms_thresh=nms,
                                 half=half, img_size=size, letterbox=letterbox, names=names,
-                                max_det=max_det, classes=classes)
+                                max_det=max_det, classes=classes, fast=fast,
+                                backend=backend)
         except BaseException:
             if created and out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()
@@ -155,6 +193,105 @@ def detect(
         typer.echo(line)
     if summary.interrupted:
         raise typer.Exit(130)
+
+
+@app.command()
+def convert(
+    kind: str = typer.Argument(..., help="what to convert: torchvision-ssd (a torchvision "
+                               "ssd300_vgg16 state dict)"),
+    source: Path = typer.Argument(..., help="the state dict (.pth), or a checkpoint holding one "
+                                  "under 'model'"),
+    cfg: Path = typer.Option(..., help="detkit cfg describing the same network "
+                             "(cfg/ssd300-coco.cfg)"),
+    out: Path = typer.Option(..., "--out", help="darknet-style .weights file to write"),
+) -> None:
+    """Turn another toolkit's weights into darknet-style .weights for a detkit cfg."""
+    from .convert import convert_torchvision_ssd
+
+    kinds = ("torchvision-ssd",)
+    if kind not in kinds:
+        raise DetkitError(f"convert: unknown kind '{kind}' (known: {', '.join(kinds)})")
+    for label, path in (("state dict", source), ("cfg", cfg)):
+        if not Path(path).is_file():
+            raise DetkitError(f"{label} file {path} not found")
+    report = convert_torchvision_ssd(source, cfg, out)
+    typer.echo(f"wrote {out}: {report.convolutions} convolutions, {report.l2norms} l2norm, "
+               f"{report.head_sources} head sources from {source}")
+
+
+@app.command()
+def anchors(
+    data: Path = typer.Option(..., "--data", help="darknet .data, .txt image list, folder of "
+                              "YOLO .txt or VOC .xml labels, a VOC .xml or a COCO .json"),
+    num: int = typer.Option(9, "--num", help="number of anchors (k-means clusters)"),
+    img_size: str = typer.Option("416", "--img-size", help="network input W or WxH"),
+    split: str = typer.Option("train", "--split", help="which image list of a .data file"),
+    restarts: int = typer.Option(10, "--restarts", help="k-means runs; the best is kept"),
+    seed: int = typer.Option(0, "--seed", help="random seed of the k-means++ initialisation"),
+    stride: int = typer.Option(1, "--stride", help="print anchors in cells of this stride "
+                               "(32 for [region] cfgs, whose anchors are in grid cells)"),
+    decimals: int | None = typer.Option(None, "--decimals", help="decimals printed "
+                                           "(default: 0 in pixels, 2 in grid cells)"),
+    include_difficult: bool = typer.Option(False, "--include-difficult", help="also cluster "
+                                           "VOC difficult / COCO crowd boxes"),
+) -> None:
+    """Anchors for a data set: k-means with distance 1 - IoU on the label shapes at network size
+    (AlexeyAB's calc_anchors); prints the cfg line sorted by area and the mean IoU."""
+    from .anchors import dataset_anchors, mean_best_iou
+    from .data import read_dataset
+
+    size = parse_size(img_size)
+    if num < 1 or restarts < 1 or stride < 1:
+        raise DetkitError("--num, --restarts and --stride must be at least 1")
+    places = decimals if decimals is not None else (0 if stride == 1 else 2)
+    dataset = read_dataset(data, split=split, missing_labels="empty", progress=True)
+    result = dataset_anchors(dataset, num, size, restarts=restarts, seed=seed,
+                             include_difficult=include_difficult)
+    printed = result.rounded(stride, places) * stride
+    typer.echo(f"{len(result.wh)} boxes from {len(dataset)} images at {size[0]}x{size[1]}"
+               + (f" ({result.skipped} empty boxes left out)" if result.skipped else ""))
+    typer.echo(result.line(stride, places))
+    typer.echo(f"mean IoU of the boxes with their best anchor: {mean_best_iou(result.wh, printed):.4f}"
+               f" (unrounded anchors: {result.mean_iou:.4f})")
+
+
+from .cli_train import register as _register_training  # noqa: E402
+
+_register_training(app)
+
+
+@app.command()
+def export(
+    cfg: Path = typer.Argument(..., help="darknet .cfg file"),
+    weights: Path | None = typer.Option(None, help="darknet .weights or detkit .pt (default: "
+                                           "untrained)"),
+    format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    out: Path | None = typer.Option(None, "--out", help="output file (default: the cfg's "
+                                       "name with .onnx, in the current folder)"),
+    img_size: str | None = typer.Option(None, "--img-size", help="input size W or WxH "
+                                           "(fixed in the file; the batch stays dynamic)"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+    check: bool = typer.Option(True, "--check/--no-check", help="compare onnxruntime with "
+                               "PyTorch (to 1e-4) before reporting success"),
+) -> None:
+    """Export the network, decode included, to ONNX: input `images` (B,3,H,W) RGB in [0,1],
+    output `preds` (B,N,5+C) cx,cy,w,h in input pixels, objectness, class probabilities."""
+    from . import load_model
+    from .export import export_onnx
+
+    if format.lower() != "onnx":
+        raise DetkitError(f"--format {format}: only onnx is supported")
+    if weights is not None and not weights.is_file():
+        raise DetkitError(f"weights file {weights} not found")
+    model = load_model(cfg, weights)
+    report = export_onnx(model, out or Path(Path(cfg).stem + ".onnx"), parse_size(img_size),
+                         opset=opset, check=check)
+    w, h = report.input_size
+    typer.echo(f"exported {report.path} (ONNX opset {report.opset}): images (batch, 3, {h}, {w})"
+               f" -> preds (batch, {report.output_shape[1]}, {report.output_shape[2]})")
+    if report.max_abs_diff is not None:
+        typer.echo(f"onnxruntime vs PyTorch: max abs diff {report.max_abs_diff:.3g}, max rel "
+                   f"diff {report.max_rel_diff:.3g} (batch 1 and 2)")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -64,7 +64,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Train a detector; writes last.pt, best.pt (by mAP@0.5), last.weights and metrics.csv."""
-    from .engine.train import TrainOptions, Trainer
+    from .engine.train import Trainer, TrainOptions
 
     train_items, names = load_split(data, "train")
     if val is not None:

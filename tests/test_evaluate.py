@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from detkit.engine.evaluate import (
-    ImageDetections, ImageTruth, coco_ground_truth, coco_json, evaluate_coco, evaluate_voc, voc_ap,
+    ImageDetections,
+    ImageTruth,
+    coco_ground_truth,
+    coco_json,
+    evaluate_coco,
+    evaluate_voc,
+    voc_ap,
 )
 
 

@@ -17,7 +17,7 @@ import torch
 
 from detkit.data.dataset import Sample
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.train import TrainOptions, Trainer, evaluate_samples
+from detkit.engine.train import Trainer, TrainOptions, evaluate_samples
 from detkit.errors import DetkitError
 
 CFG = """[net]

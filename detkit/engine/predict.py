@@ -154,6 +154,10 @@ class Detector:
     """A darknet network ready to detect: letterbox in, boxes in original-image pixels out.
 
     `cfg`/`weights` default to yolov3-tiny (COCO) from the detkit checkout or $DETKIT_HOME.
+    `fast` (default) runs an inference-optimised copy of the network (detkit.fast: batch norm
+    folded, channels-last, fused/Winograd convolutions on the CPU, CUDA graphs on the GPU);
+    `fast=False` runs the eager model exactly as trained. `backend="onnxruntime"` (CPU) runs
+    the network's ONNX export (detkit.export, cached) in onnxruntime instead of PyTorch.
     """
 
     def __init__(self, cfg: str | Path | None = None, weights: str | Path | None = None,
@@ -161,7 +165,8 @@ class Detector:
                  nms_thresh: float = 0.45, half: bool = False,
                  img_size: int | tuple[int, int] | None = None, letterbox: bool = True,
                  names: str | Path | Sequence[str] | None = None, max_det: int = 300,
-                 classes: str | Sequence[str | int] | None = None) -> None:
+                 classes: str | Sequence[str | int] | None = None, fast: bool = True,
+                 backend: str = "torch") -> None:
         from .. import load_model
 
         if cfg is None:
@@ -181,9 +186,20 @@ class Detector:
         self.half = bool(half) and self.device.type == "cuda"
         if half and not self.half:
             log.warning("warning: --half needs a CUDA device; running in float32 on %s", self.device)
-        if self.half:
+        if backend not in ("torch", "onnxruntime"):
+            raise DetkitError(f"--backend {backend}: choose torch or onnxruntime")
+        self.backend = backend
+        self.fast = bool(fast) and backend == "torch"
+        if backend == "onnxruntime":
+            self._use_onnxruntime(cfg, weights)
+        elif self.fast:  # folded, channels-last, fused copy; casts its input itself
+            from ..fast import optimize_for_inference
+
+            self.model = optimize_for_inference(self.model, self.device, half=self.half,
+                                                size=self.input_size)
+        elif self.half:
             self.model.half()
-        self.dtype = torch.float16 if self.half else torch.float32
+        self.dtype = torch.float16 if self.half and not self.fast else torch.float32
         self.conf_thresh = float(conf_thresh)
         self.nms_thresh = float(nms_thresh)
         self.max_det = int(max_det)
@@ -196,6 +212,14 @@ class Detector:
             mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
             mask[self.classes] = True
             self._class_mask = mask
+
+    def _use_onnxruntime(self, cfg: str | Path, weights: str | Path | None) -> None:
+        """Run the network's ONNX export (cached, checked against PyTorch) in onnxruntime."""
+        from ..export import OnnxRuntimeModel
+
+        if self.device.type != "cpu":
+            raise DetkitError("--backend onnxruntime runs on the CPU: add --device cpu")
+        self.model = OnnxRuntimeModel(self.model, cfg, weights, self.input_size)
 
     def __repr__(self) -> str:
         return (f"Detector({self.num_classes} classes, input {self.input_size[0]}x"
@@ -215,7 +239,9 @@ class Detector:
         if self._class_mask is not None:
             preds[..., 5:] = preds[..., 5:] * self._class_mask
         per_image = postprocess(preds, self.conf_thresh, self.nms_thresh, self.max_det)
-        return [correct_boxes(d, p, self.input_size).cpu() for d, p in zip(per_image, places, strict=True)]
+        corrected = [correct_boxes(d, p, self.input_size) for d, p in zip(per_image, places, strict=True)]
+        # one device-to-host copy for the whole batch, then split on the host
+        return list(torch.cat(corrected).cpu().split([len(d) for d in corrected]))
 
     def to_detections(self, rows: torch.Tensor) -> list[Detection]:
         """(K, 6) rows -> Detection objects with class names."""

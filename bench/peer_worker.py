@@ -1,0 +1,162 @@
+"""One peer of bench/peers.py in its own process: load a network, then time forwards on demand.
+
+Run as `python peer_worker.py KIND THREADS` where KIND is detkit-eager, detkit-fast, detkit-ort,
+opencv or darknet. The opencv peer runs under bench/.venv-opencv's Python (OpenCV 4.x, no
+torch), the others under detkit's. Protocol: one JSON object per line on stdin, one answer per
+line on the original stdout (libraries' own prints are sent to stderr):
+
+    {"op": "load", "cfg": ..., "weights": ..., "input": "x.npy"}  -> {"ok": true, "info": ...}
+    {"op": "time", "n": 3}                                          -> {"ms": [..., ..., ...]}
+    {"op": "quit"}
+
+Each timed call is the network's forward pass on the same (1, 3, H, W) float32 RGB input in
+[0, 1], head activations included (detkit also decodes boxes), no pre- or postprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Peer:
+    """A loaded network with a `forward()` timed by the worker loop."""
+
+    info: str = ""
+
+    def forward(self) -> None:
+        raise NotImplementedError
+
+
+class DetkitPeer(Peer):
+    def __init__(self, cfg: str, weights: str | None, x, threads: int, fast: bool) -> None:
+        import torch
+
+        import detkit
+
+        torch.set_num_threads(threads)
+        model = detkit.load_model(cfg, weights)
+        if fast:
+            from detkit.fast import optimize_for_inference
+
+            model = optimize_for_inference(model, "cpu", size=(x.shape[3], x.shape[2]))
+        self.model = model
+        self.x = torch.from_numpy(x)
+        self.torch = torch
+        self.info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+    def forward(self) -> None:
+        with self.torch.inference_mode():
+            self.model(self.x)
+
+
+class OrtPeer(Peer):
+    """detkit's ONNX export run by onnxruntime (the candidate `--backend onnxruntime`)."""
+
+    def __init__(self, cfg: str, weights: str | None, x, threads: int) -> None:
+        import tempfile
+
+        import onnxruntime
+        import torch
+
+        import detkit
+        from detkit.export import export_onnx, ort_session
+
+        torch.set_num_threads(threads)
+        model = detkit.load_model(cfg, weights)
+        path = Path(tempfile.mkdtemp(prefix="detkit-peers-")) / "model.onnx"
+        export_onnx(model, path, size=(x.shape[3], x.shape[2]), check=False)
+        self.session = ort_session(path, threads)
+        self.feed = {"images": x}
+        self.info = f"onnxruntime {onnxruntime.__version__}, {threads} intra-op threads"
+
+    def forward(self) -> None:
+        self.session.run(None, self.feed)
+
+
+class OpenCVPeer(Peer):
+    def __init__(self, cfg: str, weights: str | None, x, threads: int) -> None:
+        import cv2
+
+        cv2.setNumThreads(threads)
+        net = cv2.dnn.readNetFromDarknet(cfg, weights)
+        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        self.net, self.x = net, x
+        self.outputs = net.getUnconnectedOutLayersNames()
+        self.info = f"OpenCV {cv2.__version__} DNN (readNetFromDarknet), {cv2.getNumThreads()} threads"
+
+    def forward(self) -> None:
+        self.net.setInput(self.x)
+        self.net.forward(self.outputs)
+
+
+class DarknetPeer(Peer):
+    """libdarknet's network_predict through tests/darknet_ref.py (single-threaded build)."""
+
+    def __init__(self, cfg: str, weights: str | None, x, threads: int) -> None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from darknet_ref import DarknetNet
+
+        self.net = DarknetNet(cfg, weights, batch=1, size=(x.shape[3], x.shape[2]))
+        self.x = x
+        self.info = "pjreddie darknet (Debian libdarknet.so, CPU, single-threaded)"
+
+    def forward(self) -> None:
+        self.net.forward(self.x, layers=[])
+
+
+def make_peer(kind: str, cfg: str, weights: str | None, x, threads: int) -> Peer:
+    if kind in ("detkit-eager", "detkit-fast"):
+        return DetkitPeer(cfg, weights, x, threads, fast=kind == "detkit-fast")
+    if kind == "detkit-ort":
+        return OrtPeer(cfg, weights, x, threads)
+    if kind == "opencv":
+        return OpenCVPeer(cfg, weights, x, threads)
+    if kind == "darknet":
+        return DarknetPeer(cfg, weights, x, threads)
+    raise SystemExit(f"unknown peer kind {kind}")
+
+
+def serve(kind: str, threads: int, reply) -> None:
+    import numpy as np
+
+    peer: Peer | None = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["op"] == "load":
+                x = np.ascontiguousarray(np.load(msg["input"]), dtype=np.float32)
+                peer = make_peer(kind, msg["cfg"], msg.get("weights"), x, threads)
+                answer = {"ok": True, "info": peer.info}
+            elif msg["op"] == "time":
+                samples = []
+                for _ in range(int(msg["n"])):
+                    start = time.perf_counter()
+                    peer.forward()
+                    samples.append((time.perf_counter() - start) * 1000.0)
+                answer = {"ms": samples}
+            elif msg["op"] == "quit":
+                return
+            else:
+                answer = {"error": f"unknown op {msg['op']}"}
+        except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which decides
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        reply.write(json.dumps(answer) + "\n")
+        reply.flush()
+
+
+def main() -> None:
+    kind, threads = sys.argv[1], int(sys.argv[2])
+    reply = os.fdopen(os.dup(1), "w")   # the protocol channel
+    os.dup2(2, 1)                       # anything printed by a library goes to stderr
+    serve(kind, threads, reply)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""detkit against its peers, one run, side by side: same cfgs, weights, input and threads.
+
+Peers (each in its own worker process, bench/peer_worker.py):
+  detkit eager fp32, detkit fast path (detkit.fast), detkit's ONNX export on onnxruntime,
+  OpenCV DNN 4.x readNetFromDarknet (in bench/.venv-opencv, opencv-python-headless<5),
+  the reference darknet (libdarknet, single-threaded by its build).
+Networks: yolov3-tiny (official weights), yolov2-voc and yolov3 (random weights with calibrated
+batch-norm statistics, bench/random_weights.py: timing does not depend on the values), all at
+416x416, batch 1, float32; SSD300 for the detkit peers alone when cfg/ssd300.cfg exists.
+
+Fairness: all workers are loaded first; then the peers are timed in interleaved rounds (each
+round runs every peer a few times, the order rotating), so a change of machine load during the
+run hits every peer alike. Thread counts are pinned (torch, OpenCV, onnxruntime,
+OMP/MKL/OpenBLAS environment); darknet is single-threaded whatever is asked. The load average
+before and after is recorded: other processes on a shared machine show up there.
+
+Usage: bench/.venv-opencv must exist (`make bench-peers` creates it), then
+    .venv/bin/python bench/peers.py [--threads 2] [--rounds 10] [--models yolov3-tiny,...]
+Writes bench/results/peers-<date>.md and .json, and peers-latest.md/.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+OPENCV_PY = BENCH / ".venv-opencv" / "bin" / "python"
+RESULTS = BENCH / "results"
+PHOTO = Path("/usr/share/darknet/data/dog.jpg")
+
+PEERS = {  # key -> (label, python, worker kind)
+    "detkit-fast": ("detkit fast path", sys.executable, "detkit-fast"),
+    "detkit-eager": ("detkit eager fp32", sys.executable, "detkit-eager"),
+    "detkit-ort": ("detkit ONNX on onnxruntime", sys.executable, "detkit-ort"),
+    "opencv": ("OpenCV DNN", str(OPENCV_PY), "opencv"),
+    "darknet": ("reference darknet", sys.executable, "darknet"),
+}
+DETKIT_ONLY = ("detkit-fast", "detkit-eager", "detkit-ort")
+MODELS = {  # name -> (cfg, weights or None for detkit-only random init, peers)
+    "yolov3-tiny": ("cfg/yolov3-tiny.cfg", "weights/yolov3-tiny.weights", tuple(PEERS)),
+    "yolov2-voc": ("cfg/yolov2-voc.cfg", "weights/yolov2-voc.random.weights", tuple(PEERS)),
+    "yolov3": ("cfg/yolov3.cfg", "weights/yolov3.random.weights", tuple(PEERS)),
+    "ssd300": ("cfg/ssd300.cfg", None, DETKIT_ONLY),
+}
+RANDOM_WEIGHTS = {"weights/yolov2-voc.random.weights": "cfg/yolov2-voc.cfg",
+                  "weights/yolov3.random.weights": "cfg/yolov3.cfg"}
+
+
+class Worker:
+    """A peer_worker.py process spoken to with JSON lines."""
+
+    def __init__(self, key: str, threads: int) -> None:
+        label, python, kind = PEERS[key]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   OPENBLAS_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+        self.key, self.label = key, label
+        self.proc = subprocess.Popen([python, str(BENCH / "peer_worker.py"), kind, str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+
+    def ask(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.label}: worker exited (code {self.proc.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{self.label}: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+@dataclass
+class PeerResult:
+    key: str
+    label: str
+    info: str = ""
+    samples_ms: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples_ms) if self.samples_ms else None
+
+
+def make_input(size: tuple[int, int], path: Path) -> None:
+    """darknet's sample photo letterboxed by detkit (synthetic if darknet is not installed)."""
+    import cv2
+    import torch
+
+    from detkit.bench import synthetic_images
+    from detkit.engine.letterbox import letterbox_batch
+
+    image = cv2.imread(str(PHOTO)) if PHOTO.is_file() else None
+    image = image if image is not None else synthetic_images(1)[0]
+    x, _ = letterbox_batch([image], size, torch.device("cpu"))
+    np.save(path, x.numpy().astype(np.float32))
+
+
+def ensure_weights() -> None:
+    """Random sane weights for the nets without official ones (written once, ~450 MB)."""
+    sys.path.insert(0, str(BENCH))
+    from random_weights import write_random_weights
+
+    for weights, cfg in RANDOM_WEIGHTS.items():
+        if not (REPO / weights).is_file():
+            write_random_weights(REPO / cfg, REPO / weights)
+
+
+def iterations_per_round(ms: float, round_ms: float) -> int:
+    return max(1, min(5, round(round_ms / max(ms, 1e-3))))
+
+
+def bench_model(name: str, threads: int, rounds: int, round_ms: float, slow_samples: int,
+                peers: list[str]) -> dict[str, PeerResult]:
+    """Load every peer on one network, warm up, then time in interleaved rounds."""
+    cfg, weights, allowed = MODELS[name]
+    results: dict[str, PeerResult] = {}
+    workers: dict[str, Worker] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        x_path = Path(tmp) / "x.npy"
+        make_input((416, 416) if "ssd" not in name else (300, 300), x_path)
+        for key in [p for p in peers if p in allowed]:
+            results[key] = PeerResult(key, PEERS[key][0])
+            try:
+                worker = Worker(key, threads)
+                results[key].info = worker.ask(op="load", cfg=str(REPO / cfg), input=str(x_path),
+                                               weights=str(REPO / weights) if weights else None
+                                               )["info"]
+                workers[key] = worker
+            except (RuntimeError, OSError) as exc:
+                results[key].error = str(exc)
+        try:
+            _timed_rounds(workers, results, rounds, round_ms, slow_samples)
+        finally:
+            for worker in workers.values():
+                worker.close()
+    return results
+
+
+def _timed_rounds(workers: dict[str, Worker], results: dict[str, PeerResult], rounds: int,
+                  round_ms: float, slow_samples: int) -> None:
+    estimate = {}
+    for key, worker in workers.items():      # warm-up: 2 calls, the second one estimates
+        estimate[key] = worker.ask(op="time", n=2)["ms"][-1]
+    order = list(workers)
+    for r in range(rounds):
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            slow = estimate[key] > 2000        # darknet on the big nets: a few samples only
+            if slow and len(results[key].samples_ms) >= slow_samples:
+                continue
+            n = 1 if slow else iterations_per_round(estimate[key], round_ms)
+            results[key].samples_ms += workers[key].ask(op="time", n=n)["ms"]
+        print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for key, code in (("torch", "import torch; print(torch.__version__)"),
+                      ("onnxruntime", "import onnxruntime; print(onnxruntime.__version__)")):
+        versions[key] = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                       text=True).stdout.strip()
+    if OPENCV_PY.exists():
+        versions["opencv"] = subprocess.run([str(OPENCV_PY), "-c", "import cv2; print(cv2.__version__)"],
+                                            capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), **versions}
+
+
+def write_results(data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = data["date"].replace(":", "").replace("-", "")[:15]
+    md = to_markdown(data)
+    for stem in (f"peers-{stamp}", "peers-latest"):
+        (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))
+        (RESULTS / f"{stem}.md").write_text(md)
+    return RESULTS / f"peers-{stamp}.md"
+
+
+def to_markdown(data: dict) -> str:
+    m = data["machine"]
+    lines = [f"# detkit vs peers, CPU, batch 1, float32 ({data['date']})", "",
+             f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['platform']}",
+             f"- threads: {data['threads']} for every peer (torch, OpenCV, onnxruntime, OMP/MKL); "
+             "reference darknet is single-threaded",
+             f"- versions: torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, "
+             f"OpenCV {m.get('opencv')}, Python {m['python']}",
+             f"- load average (1 min) before/after: {data['load_before']:.2f} / "
+             f"{data['load_after']:.2f}{' (shared machine: other processes were running)' if max(data['load_before'], data['load_after']) > 0.5 else ''}",
+             f"- input: darknet's dog.jpg letterboxed to the network size; forward pass only "
+             f"(head activations; detkit also decodes boxes), {data['rounds']} interleaved rounds",
+             f"- command: `{data['command']}`", ""]
+    for name, peers in data["models"].items():
+        ref = peers.get("detkit-fast", {}).get("median_ms")
+        lines += [f"## {name} ({MODELS[name][0]}, weights: {MODELS[name][1] or 'detkit init'})", "",
+                  "| peer | median ms | min ms | samples | x detkit fast |",
+                  "|---|---:|---:|---:|---:|"]
+        for p in peers.values():
+            if p["median_ms"] is None:
+                lines.append(f"| {p['label']} | failed: {p['error']} | | | |")
+                continue
+            ratio = f"{p['median_ms'] / ref:.2f}" if ref else "-"
+            lines.append(f"| {p['label']} | {p['median_ms']:.1f} | {min(p['samples_ms']):.1f} | "
+                         f"{len(p['samples_ms'])} | {ratio} |")
+        lines.append("")
+    lines.append("`x detkit fast` = peer median / detkit fast-path median (> 1: detkit is faster).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--round-ms", type=float, default=600.0,
+                        help="target time of one peer's turn in a round")
+    parser.add_argument("--slow-samples", type=int, default=3,
+                        help="samples of peers slower than 2 s per forward (darknet)")
+    parser.add_argument("--models", default="yolov3-tiny,yolov2-voc,yolov3,ssd300")
+    parser.add_argument("--peers", default=",".join(PEERS))
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    peers = [p for p in args.peers.split(",") if p]
+    if "opencv" in peers and not OPENCV_PY.exists():
+        raise SystemExit(f"{OPENCV_PY} missing: run `make bench-peers` (creates the venv)")
+    ensure_weights()
+    data = {"date": dt.datetime.now().isoformat(timespec="seconds"), "threads": args.threads,
+            "rounds": args.rounds, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": machine(), "load_before": os.getloadavg()[0], "models": {}}
+    for name in models:
+        if not (REPO / MODELS[name][0]).is_file():
+            print(f"{name}: {MODELS[name][0]} not found, skipped", file=sys.stderr)
+            continue
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        start = time.time()
+        results = bench_model(name, args.threads, args.rounds, args.round_ms, args.slow_samples,
+                              peers)
+        data["models"][name] = {k: {"label": r.label, "info": r.info, "error": r.error,
+                                    "median_ms": r.median, "samples_ms": r.samples_ms}
+                                for k, r in results.items()}
+        print(f"{name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    data["load_after"] = os.getloadavg()[0]
+    path = write_results(data)
+    print(to_markdown(data))
+    print(f"written {path} (and peers-latest.md/.json)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""The fast inference path: an optimised, inference-only copy of a Model.
+
+`optimize_for_inference(model, device)` returns a copy (the caller's model is untouched) with
+
+* batch norm folded into the convolutions (darknet's eval formula, `inference_scale_shift`),
+* channels-last activations and weights,
+* on the CPU: convolution and activation in one oneDNN call, and Winograd convolutions for the
+  3x3/stride-1 layers with many channels, where they beat direct convolution (PyTorch's oneDNN
+  convolutions are direct, and a 416x416 YOLO spends most of its FLOPs in such layers),
+* darknet maxpools without the padding copy where the padding is never read, nearest-neighbour
+  upsampling as one op,
+* on CUDA: float16 or bfloat16 (heads decode in float32), CUDA graphs per input shape, and
+  optionally torch.compile.
+
+Every step is switchable off. CPU threading: detkit sets OMP_WAIT_POLICY=PASSIVE before torch
+is imported (detkit/__init__.py), because spinning OpenMP threads stall every parallel region on
+a shared CPU; the Winograd kernels are used only on layers heavy enough (WINOGRAD_MIN_GFLOPS)
+to pay for their extra ops. The copy is inference-only: batch norm no longer exists as a
+module, so `train()` raises and darknet .weights cannot be saved from it; `forward` and
+`layer_outputs` keep their meaning (a folded convolutional layer outputs exactly what the
+original layer outputs, up to float rounding: Winograd differs from direct convolution by a few
+1e-6 relative in float32).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DetkitError
+from .layers.activations import ACTIVATIONS
+from .layers.conv import Convolutional
+from .layers.simple import MaxPool, Upsample
+from .model import Model
+
+log = logging.getLogger("detkit")
+
+# darknet activation -> oneDNN post-op (name, scalars) of mkldnn._convolution_pointwise.
+_ONEDNN_ATTRS: dict[str, tuple[str, list[float]]] = {
+    "linear": ("none", []),
+    "relu": ("relu", []),
+    "logistic": ("sigmoid", []),
+    "tanh": ("tanh", []),
+    "leaky": ("leaky_relu", [0.1]),
+    "swish": ("swish", []),
+}
+WINOGRAD_MIN_CHANNELS = 128   # below this the transforms cost more than the FLOPs they save
+WINOGRAD_F4_MIN_SIZE = 24     # F(4x4,3x3) from this output size up, F(2x2,3x3) below
+# Winograd runs 25-45 small ops where oneDNN runs one, and every op wakes the thread pool (tens
+# of microseconds on a VM, far more on a shared CPU): only layers this heavy (direct FLOPs =
+# 2 x MACs at the tuned input size) gain more than they lose.
+WINOGRAD_MIN_GFLOPS = 0.8
+MAX_GRAPHS = 8                # CUDA graphs kept (one per input shape), least recently used out
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """What `optimize_for_inference` did; `InferenceModel.fast_options` keeps it for reports."""
+
+    device: str
+    dtype: str                  # "float32", "float16", "bfloat16"
+    fold_bn: bool
+    channels_last: bool
+    fuse: bool                  # CPU: conv + activation in one oneDNN call
+    winograd: bool              # CPU: Winograd 3x3 convolutions where they win
+    cuda_graphs: bool
+    compile: bool
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution kernels
+# --------------------------------------------------------------------------------------------
+
+def fold_conv_bn(layer: Convolutional) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one convolution equal to conv -> darknet eval batch norm.
+
+    Computed in float64 so folding adds no rounding of its own: w' = w * scale,
+    b' = shift (+ conv bias * scale), scale = gamma / (sqrt(var) + 1e-6) as darknet's CPU path.
+    """
+    weight = layer.conv.weight.detach().double()
+    bias = (layer.conv.bias.detach().double() if layer.conv.bias is not None
+            else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
+    if layer.bn is None:
+        return weight.float(), bias.float()
+    bn = layer.bn
+    scale = bn.weight.detach().double() / (bn.running_var.detach().double().sqrt() + 1e-6)
+    shift = bn.bias.detach().double() - bn.running_mean.detach().double() * scale
+    return (weight * scale.view(-1, 1, 1, 1)).float(), (shift + bias * scale).float()
+
+
+class ConvAct(nn.Module):
+    """Convolution with a bias and a darknet activation: the folded conv + BN + act of a layer."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
+                 activation: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                     self.groups)
+        return self.act(x)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, stride={self.stride}, act={self.activation}"
+
+
+class OneDnnConvAct(ConvAct):
+    """ConvAct as one oneDNN call with the activation as a post-op (CPU, float32).
+
+    Saves a full read and write of every activation map: for a 416x416 YOLO the separate
+    leaky ReLU costs about a tenth of the forward pass.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return super().forward(x)
+        attr, scalars = _ONEDNN_ATTRS[self.activation]
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, list(self.padding), list(self.stride),
+            list(self.dilation), self.groups, attr, scalars, "")
+
+
+def _winograd_matrices(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B^T, G, A^T of Lavin and Gray's F(m x m, 3 x 3), m = 2 or 4, in float64."""
+    d = torch.float64
+    if m == 2:
+        bt = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+        g = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]]
+        at = [[1, 1, 1, 0], [0, 1, -1, -1]]
+    elif m == 4:
+        bt = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+              [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+        g = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+             [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+        at = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+    else:
+        raise ValueError(f"Winograd F({m}x{m}, 3x3) is not implemented (m = 2 or 4)")
+    return torch.tensor(bt, dtype=d), torch.tensor(g, dtype=d), torch.tensor(at, dtype=d)
+
+
+class WinogradConv3x3(nn.Module):
+    """3x3, stride 1, padding 1 convolution + activation by Winograd F(m x m, 3 x 3).
+
+    Per (m+2)^2 input tile: V = B^T d B, then (m+2)^2 independent channel GEMMs V_i @ U_i, then
+    Y = A^T M A. The 2-D transforms are single GEMMs with Kronecker products of the 1-D
+    matrices; the channel GEMMs are one torch.bmm or, on a single thread, oneDNN linears with
+    weights pre-packed for the expected number of tiles. F(4,3) does 4x, F(2,3) 2.25x fewer
+    multiply-adds than direct convolution. Input and output are channels-last (NHWC memory).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str, m: int,
+                 tiles_hint: int = 64) -> None:
+        super().__init__()
+        bt, g, at = _winograd_matrices(m)
+        self.m, self.alpha = m, m + 2
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        cout, cin = weight.shape[:2]
+        u = (g @ weight.detach().double() @ g.T).reshape(cout, cin, -1).float()  # (Cout, Cin, a^2)
+        # Pre-packed oneDNN linears: fastest on one thread (1.3-1.6x at a 13x13 map's few tiles),
+        # but (m+2)^2 small ops that two threads share poorly; with more threads one bmm wins
+        # (measured on 2 cores: yolov3 345 vs 435 ms). Decided by the thread count now.
+        self.packed = torch.get_num_threads() == 1 and _packed_linear_works()
+        if self.packed:   # one (Cout, Cin) weight per transform point, in oneDNN's layout
+            for i in range(u.shape[2]):
+                self.register_buffer(f"u{i}", torch.ops.mkldnn._reorder_linear_weight(
+                    u[:, :, i].contiguous(), max(1, tiles_hint)))
+        else:
+            self.register_buffer("u", u.permute(2, 1, 0).contiguous())      # (a^2, Cin, Cout)
+        self.cout = cout
+        self.register_buffer("kb", torch.kron(bt, bt).float())     # (a^2, a^2)
+        self.register_buffer("ka", torch.kron(at, at).float())     # (m^2, a^2)
+        self.register_buffer("bias", bias.detach().float().clone())
+
+    def _channel_gemms(self, v: torch.Tensor) -> torch.Tensor:
+        """(a^2, T, Cin) -> (a^2, T, Cout)."""
+        if not self.packed:
+            return torch.bmm(v, self.u)
+        linear = torch.ops.mkldnn._linear_pointwise
+        return torch.stack([linear(v[i], getattr(self, f"u{i}"), None, "none", [], "")
+                            for i in range(v.shape[0])])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, a = self.m, self.alpha
+        n, c, h, w = x.shape
+        cout = self.cout
+        th, tw = -(-h // m), -(-w // m)          # output tiles (output size = input size)
+        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw + 1 - w, 1, m * th + 1 - h))
+        s = xp.stride()
+        tiles = xp.as_strided((a, a, n, th, tw, c), (s[1], s[2], s[0], m * s[1], m * s[2], s[3]))
+        v = torch.mm(self.kb, tiles.reshape(a * a, -1)).view(a * a, n * th * tw, c)
+        y = torch.mm(self.ka, self._channel_gemms(v).view(a * a, -1))
+        y = y.view(m * m, n * th * tw, cout).add_(self.bias)
+        y = F.leaky_relu_(y, 0.1) if self.activation == "leaky" else self.act(y)
+        out = torch.empty((n, th, m, tw, m, cout), dtype=y.dtype, device=y.device)
+        out.copy_(y.view(m, m, n, th, tw, cout).permute(2, 3, 0, 4, 1, 5))
+        out = out.view(n, m * th, m * tw, cout)
+        if m * th != h or m * tw != w:
+            out = out[:, :h, :w].contiguous()
+        return out.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"F({self.m}x{self.m},3x3), {self.kb.shape[0]} GEMMs ->{self.cout}, act={self.activation}"
+
+
+_PACKED_OK: bool | None = None
+
+
+def _packed_linear_works() -> bool:
+    """Whether this torch build has oneDNN's packed linear and it agrees with a matmul."""
+    global _PACKED_OK
+    if _PACKED_OK is None:
+        try:
+            w, x = torch.randn(8, 16), torch.randn(5, 16)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 5)
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            _PACKED_OK = torch.allclose(got, x @ w.T, atol=1e-5)
+        except (RuntimeError, AttributeError):
+            _PACKED_OK = False
+    return _PACKED_OK
+
+
+def winograd_applies(layer: Convolutional, in_channels: int) -> bool:
+    """3x3, stride 1, 'same' padding, no groups or dilation, and enough channels to pay off."""
+    conv = layer.conv
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1
+            and in_channels >= WINOGRAD_MIN_CHANNELS and layer.filters >= 64)
+
+
+def _conv_kernel(layer: Convolutional, in_shape: tuple[int, int, int],
+                 out_shape: tuple[int, int, int], options: FastOptions) -> nn.Module:
+    """The fastest safe module for one convolutional layer on the options' device."""
+    weight, bias = fold_conv_bn(layer)
+    cpu = options.device.startswith("cpu") and options.dtype == "float32"
+    heavy = layer.flops(in_shape, out_shape)[0] >= WINOGRAD_MIN_GFLOPS * 1e9
+    if cpu and options.winograd and heavy and winograd_applies(layer, in_shape[0]):
+        m = 4 if min(out_shape[1:]) >= WINOGRAD_F4_MIN_SIZE else 2
+        tiles = -(-out_shape[1] // m) * -(-out_shape[2] // m)
+        return WinogradConv3x3(weight, bias, layer.activation_name, m, tiles)
+    if cpu and options.fuse and layer.activation_name in _ONEDNN_ATTRS and _onednn_works():
+        return OneDnnConvAct(weight, bias, layer.conv, layer.activation_name)
+    return ConvAct(weight, bias, layer.conv, layer.activation_name)
+
+
+_ONEDNN_OK: bool | None = None
+
+
+def _onednn_works() -> bool:
+    """Whether this torch build has oneDNN's fused conv op and it agrees with F.conv2d."""
+    global _ONEDNN_OK
+    if _ONEDNN_OK is None:
+        try:
+            x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(3, 4, 3, 3), torch.randn(3)
+            got = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 1,
+                                                           "leaky_relu", [0.1], "")
+            _ONEDNN_OK = torch.allclose(got, F.leaky_relu(F.conv2d(x, w, b, padding=1), 0.1),
+                                        atol=1e-5)
+        except (RuntimeError, AttributeError):
+            _ONEDNN_OK = False
+    return _ONEDNN_OK
+
+
+class FoldedActivation(nn.Module):
+    """The layer's activation now lives inside its convolution module: identity here."""
+
+    name = "linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# Other layers
+# --------------------------------------------------------------------------------------------
+
+class FastMaxPool(MaxPool):
+    """Darknet maxpool without the -inf padding copy when no output window reaches it.
+
+    Darknet pads size-1 in total, p//2 before; for the common 2x2/2 pool on even sizes the
+    windows never touch the padding, so the pad is skipped (bit-identical result).
+    """
+
+    def forward(self, x: torch.Tensor, outputs: list) -> torch.Tensor:
+        p, before = self.padding, self.padding // 2
+        h, w = x.shape[2], x.shape[3]
+        out_h = (h + p - self.size) // self.stride + 1
+        out_w = (w + p - self.size) // self.stride + 1
+        last_h = (out_h - 1) * self.stride - before + self.size
+        last_w = (out_w - 1) * self.stride - before + self.size
+        if before == 0 and last_h <= h and last_w <= w:
+            return F.max_pool2d(x, self.size, self.stride)[:, :, :out_h, :out_w]
+        return super().forward(x, outputs)
+
+
+class FastUpsample(Upsample):
+    """Nearest-neighbour upsampling as one op (exact for darknet's integer stride)."""
+
+    def forward(self, x: torch.Tensor, outputs: list) -> torch.Tensor:
+        if self.stride <= 1:
+            return super().forward(x, outputs)
+        out = F.interpolate(x, scale_factor=float(self.stride), mode="nearest")
+        return out * self.scale if self.scale != 1 else out
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+class InferenceModel(Model):
+    """A Model after `optimize_for_inference`: same forward and layer_outputs, inference only."""
+
+    fast_options: FastOptions
+
+    def train(self, mode: bool = True) -> InferenceModel:
+        if mode:
+            raise DetkitError("this model is optimised for inference (batch norm folded into "
+                              "the convolutions); train the original model instead")
+        return super().train(False)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Move/cast the input to the optimised device, dtype and memory format."""
+        opts = self.fast_options
+        fmt = torch.channels_last if opts.channels_last and x.dim() == 4 else torch.preserve_format
+        return x.to(device=opts.device, dtype=opts.torch_dtype, memory_format=fmt)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        """Model.forward (eval) on an already prepared input; float32 out."""
+        return Model.forward(self, x).float()
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, 5+C) float32 decoded predictions, as Model.forward in eval mode."""
+        if targets is not None:
+            raise DetkitError("an inference-optimised model computes no loss")
+        x = self.prepare_input(x)
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            return runner(x)
+        return self._eager(x)
+
+    @torch.no_grad()
+    def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return Model.layer_outputs(self, self.prepare_input(x))
+
+
+def _float_head_inputs(head: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a head: float32 NCHW input and source maps, so the head decodes (and
+    an SSD head runs its own convolutions) exactly as the eager float32 model does."""
+    x, outputs = args
+    if x.dtype == torch.float32 and x.is_contiguous() and not head.sources:
+        return None
+    outputs = list(outputs)
+    for i in head.sources:
+        if outputs[i] is not None:
+            outputs[i] = outputs[i].float().contiguous()
+    return x.float().contiguous(), outputs
+
+
+class CudaGraphRunner:
+    """Replays one captured CUDA graph per input shape: the whole forward is one launch.
+
+    Captured lazily on the first call with a new shape (after two warm-up passes on a side
+    stream, as the PyTorch docs prescribe); the input is copied into the graph's static buffer
+    and the output is cloned, so callers never see a buffer the next call overwrites. Any
+    capture failure turns graphs off for this model, with a warning, and runs eagerly.
+    """
+
+    def __init__(self, model: InferenceModel) -> None:
+        self.model = model
+        self.graphs: OrderedDict = OrderedDict()
+        self.enabled = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or not x.is_cuda or torch.is_grad_enabled():
+            return self.model._eager(x)
+        key = (tuple(x.shape), x.dtype, x.stride())
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(x)
+            if entry is None:
+                return self.model._eager(x)
+        self.graphs.move_to_end(key)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor):
+        try:
+            static_in = x.clone()
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.model._eager(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.model._eager(static_in)
+        except RuntimeError as exc:  # capture unsupported here: stay correct, go eager
+            log.warning("warning: CUDA graph capture failed (%s); running without graphs", exc)
+            self.enabled = False
+            return None
+        entry = (graph, static_in, static_out)
+        self.graphs[(tuple(x.shape), x.dtype, x.stride())] = entry
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        return entry
+
+
+def _resolve_options(device: torch.device, half: bool, bf16: bool, channels_last: bool,
+                     fold_bn: bool, fuse: bool, winograd: bool | None, cuda_graphs: bool | None,
+                     compile: bool) -> FastOptions:
+    """Turn the caller's wishes into what is safe on `device` (half precision only on CUDA)."""
+    if half and bf16:
+        raise DetkitError("choose one of half (float16) and bf16")
+    cuda = device.type == "cuda"
+    dtype = "float16" if half else "bfloat16" if bf16 else "float32"
+    if dtype != "float32" and not cuda:
+        log.warning("warning: %s needs a CUDA device; running in float32 on %s", dtype, device)
+        dtype = "float32"
+    return FastOptions(
+        device=str(device), dtype=dtype, fold_bn=fold_bn, channels_last=channels_last,
+        # torch.compile fuses conv + activation itself and cannot lower the oneDNN kernels
+        fuse=fuse and fold_bn and not cuda and not compile,
+        winograd=(not cuda if winograd is None else winograd) and fold_bn and not cuda
+        and not compile,
+        cuda_graphs=cuda if cuda_graphs is None else (cuda_graphs and cuda),
+        compile=compile)
+
+
+def _optimise_layers(model: Model, options: FastOptions, size: tuple[int, int]) -> None:
+    """Replace, in place on the copy, each layer's modules by their inference form."""
+    for layer, (in_shape, out_shape) in zip(model.layers, model.shapes(size), strict=True):
+        if isinstance(layer, Convolutional) and options.fold_bn:
+            layer.conv = _conv_kernel(layer, in_shape, out_shape, options)
+            layer.bn = None
+            layer.act = FoldedActivation()
+        elif type(layer) is MaxPool:
+            layer.__class__ = FastMaxPool
+        elif type(layer) is Upsample:
+            layer.__class__ = FastUpsample
+
+
+def optimize_for_inference(model: Model, device: str | torch.device | None = None,
+                           half: bool = False, bf16: bool = False, channels_last: bool = True,
+                           fold_bn: bool = True, fuse: bool = True, winograd: bool | None = None,
+                           cuda_graphs: bool | None = None, compile: bool = False,
+                           size: tuple[int, int] | None = None) -> InferenceModel:
+    """An optimised, inference-only copy of `model` on `device`; `model` is not modified.
+
+    `half`/`bf16` apply on CUDA only (a warning and float32 elsewhere). `winograd` (CPU) and
+    `cuda_graphs` (CUDA) default to on for their device. `size` (w, h) is the input size the
+    per-layer kernel choice is tuned for (default: the cfg's); any other size still works.
+    On CUDA this turns on cudnn.benchmark (process-wide): fixed shapes are the common case.
+    """
+    device = torch.device(device) if device is not None else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    options = _resolve_options(device, half, bf16, channels_last, fold_bn, fuse, winograd,
+                               cuda_graphs, compile)
+    fast = copy.deepcopy(model).eval()
+    _optimise_layers(fast, options, size or model.input_size)
+    fast.__class__ = InferenceModel
+    for head in fast.heads:
+        head.register_forward_pre_hook(_float_head_inputs)
+    fast.fast_options = options
+    fast = fast.to(device=device)
+    if options.dtype != "float32":
+        _cast_body(fast, options.torch_dtype)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    _attach_runner(fast, options)
+    return fast
+
+
+def _cast_body(model: InferenceModel, dtype: torch.dtype) -> None:
+    """Cast everything but the heads (anchors and decode stay float32: fp16 would round the
+    region anchors by 1e-3 and box centres by up to a quarter pixel at 416)."""
+    for layer in model.layers:
+        if layer.index not in model.head_indices:
+            layer.to(dtype=dtype)
+    model.input_mean = model.input_mean.to(dtype)
+    model.input_std = model.input_std.to(dtype)
+
+
+def _attach_runner(model: InferenceModel, options: FastOptions) -> None:
+    """torch.compile (its own CUDA graphs with mode reduce-overhead) or detkit's CUDA graphs."""
+    if options.compile:
+        mode = "reduce-overhead" if options.cuda_graphs else "default"
+        model._runner = torch.compile(model._eager, mode=mode, dynamic=False)
+    elif options.cuda_graphs:
+        model._runner = CudaGraphRunner(model)

@@ -1,0 +1,269 @@
+"""The fast inference path (detkit.fast) answers as the eager float32 model does.
+
+CPU: batch-norm folding, channels-last, oneDNN conv+activation and Winograd convolutions, on
+random non-trivial weights layer by layer and on the official weights end to end (detections).
+GPU (marked, skipped without CUDA): float16/bfloat16 and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DARKNET_DATA, REPO, randomize_model
+
+import detkit
+from detkit.errors import DetkitError
+from detkit.fast import (
+    FastMaxPool,
+    InferenceModel,
+    WinogradConv3x3,
+    fold_conv_bn,
+    optimize_for_inference,
+)
+from detkit.layers.conv import Convolutional
+from detkit.layers.simple import MaxPool
+
+PHOTOS = ["dog", "horses", "person", "eagle", "giraffe", "kite"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tests check results, not speed: one intra-op thread keeps them quick on a shared CPU
+    (with torch imported before detkit, OpenMP threads spin and stall under contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def winograd_on_small_layers(monkeypatch):
+    """The mini nets' layers are too light for Winograd's FLOP threshold: lift it, so the
+    Winograd kernels are exercised in every layer they can run."""
+    import detkit.fast
+
+    monkeypatch.setattr(detkit.fast, "WINOGRAD_MIN_GFLOPS", 0.0)
+
+
+def _conv(filters: int, size: int = 3, stride: int = 1, bn: int = 1, act: str = "leaky") -> str:
+    return (f"[convolutional]\nbatch_normalize={bn}\nfilters={filters}\nsize={size}\n"
+            f"stride={stride}\npad=1\nactivation={act}\n")
+
+
+# Small nets with every layer kind of the YOLOs and enough channels (>= 128) for the Winograd
+# kernels at both tile sizes: shortcut, upsample, route, two [yolo]; reorg, [region].
+MINI_YOLO = ("[net]\nwidth=96\nheight=96\nchannels=3\n" + _conv(16) + "[maxpool]\nsize=2\nstride=2\n"
+             + _conv(128) + _conv(128) + _conv(64, 1) + _conv(128) + "[shortcut]\nfrom=-3\n"
+             + "[maxpool]\nsize=2\nstride=2\n" + _conv(192) + "[maxpool]\nsize=2\nstride=1\n"
+             + _conv(256) + _conv(21, 1, bn=0, act="linear")
+             + "[yolo]\nmask=3,4,5\nanchors=10,14,23,27,37,58,81,82,135,169,344,319\nclasses=2\nnum=6\n"
+             + "[route]\nlayers=-3\n" + _conv(64, 1) + "[upsample]\nstride=2\n"
+             + "[route]\nlayers=-1,6\n" + _conv(128) + _conv(21, 1, bn=0, act="linear")
+             + "[yolo]\nmask=0,1,2\nanchors=10,14,23,27,37,58,81,82,135,169,344,319\nclasses=2\nnum=6\n")
+MINI_REGION = ("[net]\nwidth=128\nheight=128\nchannels=3\n" + _conv(32) + "[maxpool]\nsize=2\nstride=2\n"
+               + _conv(128) + _conv(128) + "[maxpool]\nsize=2\nstride=2\n" + _conv(256)
+               + "[maxpool]\nsize=2\nstride=2\n" + _conv(256) + "[route]\nlayers=-3\n"
+               + _conv(16, 1) + "[reorg]\nstride=2\n" + "[route]\nlayers=-1,-4\n" + _conv(256)
+               + _conv(35, 1, bn=0, act="linear")
+               + "[region]\nanchors=1.3221,1.73145,3.19275,4.00944,5.05587,8.09892,9.47112,4.84053,"
+               "11.2364,10.0071\nclasses=2\ncoords=4\nnum=5\nsoftmax=1\n")
+
+
+def random_model(name: str, size: int, seed: int = 0) -> detkit.Model:
+    """A cfg of the repository (or one of the mini nets) with calibrated random weights."""
+    from detkit.model import model_from_text
+
+    texts = {"mini-yolo": MINI_YOLO, "mini-region": MINI_REGION}
+    model = (model_from_text(texts[name]) if name in texts
+             else detkit.load_model(REPO / "cfg" / f"{name}.cfg")).eval()
+    gen = torch.Generator().manual_seed(seed)
+    return randomize_model(model, seed, calibrate=torch.rand(2, 3, size, size, generator=gen))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-6)).item()
+
+
+def photos() -> list[np.ndarray]:
+    """darknet's sample photos when installed, else deterministic synthetic images."""
+    images = [cv2.imread(str(DARKNET_DATA / f"{n}.jpg")) for n in PHOTOS]
+    images = [im for im in images if im is not None]
+    if images:
+        return images
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(3)]
+
+
+def assert_same_detections(expected: list[torch.Tensor], got: list[torch.Tensor],
+                           box_atol: float, score_atol: float) -> None:
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape
+        assert torch.equal(e[:, 5], g[:, 5])                          # classes
+        torch.testing.assert_close(g[:, :4], e[:, :4], atol=box_atol, rtol=0)
+        torch.testing.assert_close(g[:, 4], e[:, 4], atol=score_atol, rtol=0)
+
+
+# -- CPU: fp32 folding / channels-last / fused / Winograd ----------------------------------------
+
+@pytest.mark.parametrize("name,size", [("mini-yolo", 96), ("mini-yolo", 160),
+                                       ("mini-region", 128), ("yolov3-tiny", 160)])
+def test_every_layer_equals_eager(name, size):
+    model = random_model(name, size)
+    fast = optimize_for_inference(model, "cpu", size=(size, size))
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours, theirs = fast.layer_outputs(x), model.layer_outputs(x)
+        preds_fast, preds = fast(x), model(x)
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+        assert relative_error(a, b) < 1e-4, f"layer {i} ({model.layers[i].kind})"
+    assert preds_fast.dtype == torch.float32 and preds_fast.shape == preds.shape
+    torch.testing.assert_close(preds_fast, preds, rtol=1e-3, atol=1e-3)
+
+
+def test_the_kernels_are_the_fast_ones():
+    model = random_model("mini-region", 128)
+    fast = optimize_for_inference(model, "cpu")
+    kinds = {type(layer.conv).__name__ for layer in fast.layers if isinstance(layer, Convolutional)}
+    assert kinds == {"OneDnnConvAct", "WinogradConv3x3"}
+    assert {m.m for m in fast.modules() if isinstance(m, WinogradConv3x3)} == {2, 4}
+    assert all(layer.bn is None for layer in fast.layers if isinstance(layer, Convolutional))
+    assert any(isinstance(layer, FastMaxPool) for layer in fast.layers)
+    slow = optimize_for_inference(model, "cpu", winograd=False, fuse=False)
+    assert not any(isinstance(m, WinogradConv3x3) for m in slow.modules())
+    unfolded = optimize_for_inference(model, "cpu", fold_bn=False, channels_last=False)
+    assert all(layer.bn is not None for layer in unfolded.layers
+               if isinstance(layer, Convolutional) and layer.batch_normalize)
+
+
+def test_the_callers_model_is_untouched_and_the_copy_is_inference_only():
+    model = random_model("mini-yolo", 96)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = optimize_for_inference(model, "cpu")
+    assert type(model) is detkit.Model and isinstance(fast, InferenceModel)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(layer.bn is not None for layer in model.layers
+               if isinstance(layer, Convolutional) and layer.batch_normalize)
+    fast.eval()  # allowed
+    with pytest.raises(DetkitError, match="inference"):
+        fast.train()
+    with pytest.raises(DetkitError):
+        fast(torch.rand(1, 3, 96, 96), torch.zeros(0, 6))
+
+
+def test_half_on_the_cpu_falls_back_to_float32(caplog):
+    fast = optimize_for_inference(random_model("mini-yolo", 96), "cpu", half=True)
+    assert fast.fast_options.dtype == "float32"
+    assert "CUDA" in caplog.text
+
+
+def test_folding_uses_darknets_eval_formula():
+    model = random_model("mini-yolo", 96)
+    layer = model.layers[0]
+    weight, bias = fold_conv_bn(layer)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = layer.bn(layer.conv(x))
+    torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("hw", [(13, 13), (26, 20), (8, 9)])
+@pytest.mark.parametrize("activation", ["leaky", "linear", "logistic"])
+@pytest.mark.parametrize("threads", [1, 2])   # packed oneDNN linears / one bmm
+def test_winograd_equals_direct_convolution(m, hw, activation, threads):
+    from detkit.layers.activations import ACTIVATIONS
+
+    torch.set_num_threads(threads)
+
+    gen = torch.Generator().manual_seed(m * 100 + hw[0])
+    weight = torch.randn(48, 32, 3, 3, generator=gen) / 17
+    bias = torch.randn(48, generator=gen)
+    x = torch.randn(2, 32, *hw, generator=gen).contiguous(memory_format=torch.channels_last)
+    kernel = WinogradConv3x3(weight, bias, activation, m)
+    assert kernel.packed == (threads == 1)
+    got = kernel(x)
+    expected = ACTIVATIONS[activation](F.conv2d(x, weight, bias, padding=1))
+    assert got.shape == expected.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(expected, got) < 1e-5
+
+
+@pytest.mark.parametrize("size,stride", [(2, 2), (2, 1), (3, 1), (3, 2), (5, 1)])
+@pytest.mark.parametrize("hw", [(13, 13), (26, 26), (15, 10)])
+def test_fast_maxpool_equals_darknets(size, stride, hw):
+    from detkit.model import model_from_text
+
+    model = model_from_text(f"[net]\nwidth={hw[1]}\nheight={hw[0]}\nchannels=4\n"
+                            f"[maxpool]\nsize={size}\nstride={stride}\n")
+    fast = optimize_for_inference(model, "cpu", channels_last=False)
+    assert isinstance(fast.layers[0], FastMaxPool) and type(model.layers[0]) is MaxPool
+    x = torch.randn(2, 4, *hw)
+    assert torch.equal(fast.layers[0](x, []), model.layers[0](x, []))
+
+
+def test_detections_equal_eager_with_the_official_weights(tiny_weights):
+    from detkit.engine.predict import Detector
+
+    cfg = REPO / "cfg" / "yolov3-tiny.cfg"
+    eager = Detector(cfg, tiny_weights, device="cpu", fast=False)
+    fast = Detector(cfg, tiny_weights, device="cpu")
+    assert isinstance(fast.model, InferenceModel) and not isinstance(eager.model, InferenceModel)
+    images = photos()
+    expected, got = eager.predict_arrays(images), fast.predict_arrays(images)
+    assert sum(len(e) for e in expected) > 0
+    assert_same_detections(expected, got, box_atol=1e-2, score_atol=1e-4)
+
+
+def test_detect_cli_no_fast_flag(tmp_path, tiny_weights):
+    image = tmp_path / "im.jpg"
+    cv2.imwrite(str(image), photos()[0])
+    run = subprocess.run([sys.executable, "-m", "detkit", "detect", str(image), "--device", "cpu",
+                          "--no-fast", "--out", str(tmp_path / "out"), "-q"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "im.jpg").is_file()
+
+
+# -- GPU: half precision and CUDA graphs -------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["half", "bf16"])
+def test_half_precision_detections_match_eager_fp32(dtype, tiny_weights):
+    from detkit.engine.predict import Detector
+
+    cfg = REPO / "cfg" / "yolov3-tiny.cfg"
+    eager = Detector(cfg, tiny_weights, device="cpu", fast=False)
+    model = detkit.load_model(cfg, tiny_weights)
+    fast = optimize_for_inference(model, "cuda", half=dtype == "half", bf16=dtype == "bf16")
+    assert fast.fast_options.cuda_graphs
+    fast_detector = Detector(cfg, tiny_weights, device="cuda")
+    fast_detector.model = fast
+    images = photos()
+    expected, got = eager.predict_arrays(images), fast_detector.predict_arrays(images)
+    for e, g in zip(expected, got, strict=True):
+        strong = e[e[:, 4] > 0.4]     # boxes near the threshold may come and go in fp16
+        for row in strong:
+            same = g[(g[:, 5] == row[5])]
+            assert len(same), f"class {int(row[5])} lost"
+            distance = (same[:, :4] - row[:4]).abs().max(1).values.min()
+            assert distance < 3.0     # pixels of the original image
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_equal_eager_on_the_gpu():
+    model = random_model("yolov3-tiny", 224).cuda()
+    graphed = optimize_for_inference(model, "cuda")
+    eager = optimize_for_inference(model, "cuda", cuda_graphs=False)
+    with torch.inference_mode():
+        for batch in (1, 3, 1):       # a new shape captures a graph; a known one replays
+            x = torch.rand(batch, 3, 224, 224, device="cuda")
+            torch.testing.assert_close(graphed(x), eager(x), rtol=1e-4, atol=1e-3)
+        assert len(graphed._runner.graphs) == 2
+        torch.testing.assert_close(graphed(x), graphed(x.clone()), rtol=1e-5, atol=1e-4)
