@@ -180,6 +180,15 @@ Trainer(options).train()
 """
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now (a fixed one collides with parallel runs)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_ddp_processes_equal_one(data, tmp_path):
     """gloo on the CPU, a cfg without batch norm (local BN statistics differ by design)."""
     import pickle
@@ -190,9 +199,10 @@ def test_two_ddp_processes_equal_one(data, tmp_path):
     spec = tmp_path / "ddp.pkl"
     spec.write_bytes(pickle.dumps(options(data, tmp_path / "two", cfg=root / "tiny-nobn.cfg", max_batches=4)))
     procs = []
+    port = free_port()
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29571")
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-c", DDP_RUNNER, str(spec)], env=env))
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
     a = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
