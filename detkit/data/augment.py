@@ -28,13 +28,16 @@ def rand_scale(rng: np.random.Generator, s: float) -> float:
     return scale if rng.random() < 0.5 else 1.0 / scale
 
 
+def _fit(aspect: float, net_w: int, net_h: int) -> tuple[int, int]:
+    """The long side fills the net: (new_w, new_h) for an image of this aspect ratio."""
+    if aspect < net_w / net_h:
+        return max(1, int(round(aspect * net_h))), net_h
+    return net_w, max(1, int(round(net_w / aspect)))
+
+
 def letterbox_placement(width: int, height: int, net_w: int, net_h: int) -> tuple[float, float, float, float]:
     """Where the centred letterbox puts an image: (dx, dy, new_w, new_h) in network pixels."""
-    aspect = width / height
-    if aspect < net_w / net_h:
-        new_h, new_w = net_h, max(1, int(round(aspect * net_h)))
-    else:
-        new_w, new_h = net_w, max(1, int(round(net_w / aspect)))
+    new_w, new_h = _fit(width / height, net_w, net_h)
     return float(int((net_w - new_w) / 2)), float(int((net_h - new_h) / 2)), float(new_w), float(new_h)
 
 
@@ -46,22 +49,16 @@ def place(image: np.ndarray, net_w: int, net_h: int, jitter: float,
     (dx, dy, new_w, new_h) in network pixels.
     """
     h, w = image.shape[:2]
-    if rng is not None and jitter > 0:
+    if rng is None:
+        x0f, y0f, new_wf, new_hf = letterbox_placement(w, h, net_w, net_h)
+        x0, y0, new_w, new_h = int(x0f), int(y0f), int(new_wf), int(new_hf)
+    else:
         dw, dh = jitter * w, jitter * h
-        aspect = (w + rng.uniform(-dw, dw)) / (h + rng.uniform(-dh, dh))
-    else:
-        aspect = w / h
-    if aspect < net_w / net_h:
-        new_h, new_w = net_h, max(1, int(round(aspect * net_h)))
-    else:
-        new_w, new_h = net_w, max(1, int(round(net_w / aspect)))
-    if rng is not None:
-        dx, dy = rng.uniform(0, net_w - new_w), rng.uniform(0, net_h - new_h)
-    else:
-        dx, dy = (net_w - new_w) / 2, (net_h - new_h) / 2
+        aspect = (w + rng.uniform(-dw, dw)) / (h + rng.uniform(-dh, dh)) if jitter > 0 else w / h
+        new_w, new_h = _fit(aspect, net_w, net_h)
+        x0, y0 = int(rng.uniform(0, net_w - new_w)), int(rng.uniform(0, net_h - new_h))
     canvas = np.full((net_h, net_w, 3), 127, np.uint8)
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    x0, y0 = int(dx), int(dy)
     canvas[y0:y0 + new_h, x0:x0 + new_w] = resized[: net_h - y0, : net_w - x0]
     return canvas, (float(x0), float(y0), float(new_w), float(new_h))
 
