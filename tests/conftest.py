@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """These tests check results, not speed: one intra-op thread keeps them quick on a shared CPU
+    (with torch imported before detkit, OpenMP threads spin and stall under contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_weights() -> Path:
     """The official pjreddie yolov3-tiny.weights fetched by `make assets`."""
     if not TINY_WEIGHTS.exists():

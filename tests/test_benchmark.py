@@ -25,15 +25,7 @@ from detkit.cli import app
 from detkit.errors import DetkitError
 from detkit.model import model_from_text
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tests check results, not speed: one intra-op thread keeps them quick on a shared CPU
-    (with torch imported before detkit, OpenMP threads spin and stall under contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_percentiles_and_throughput():

@@ -19,14 +19,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tests check results, not speed: one intra-op thread keeps them quick on a shared CPU
-    (with torch imported before detkit, OpenMP threads spin and stall under contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_matches(session, model: detkit.Model, x: torch.Tensor) -> None:

@@ -32,14 +32,7 @@ from detkit.layers.simple import MaxPool
 PHOTOS = ["dog", "horses", "person", "eagle", "giraffe", "kite"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tests check results, not speed: one intra-op thread keeps them quick on a shared CPU
-    (with torch imported before detkit, OpenMP threads spin and stall under contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
