@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,41 @@ class VocResult:
     @property
     def map(self) -> float:
         return float(np.mean(list(self.ap.values()))) if self.ap else 0.0
+
+    def labels(self, names: Sequence[str] | Mapping[int, str] | None = None) -> dict[int, str]:
+        """A unique display name per scored class: `names[id]` where given, else the id.
+
+        Plots and reports key their legends by name, so two classes that share a name (or a
+        name that looks like another class's id) get their id appended instead of one hiding
+        the other.
+        """
+        labels: dict[int, str] = {}
+        for cls in sorted(self.ap):
+            name = _class_name(cls, names)
+            labels[cls] = name if name not in labels.values() else f"{name} ({cls})"
+        return labels
+
+    def curves(self, names: Sequence[str] | Mapping[int, str] | None = None
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(recall, precision) per scored class, keyed by `labels(names)`, in detection-rank order.
+
+        This is the raw curve `voc_ap` integrates (not its precision envelope), the shape
+        `plots.plot_pr_curves` takes.
+        """
+        return {label: (self.recall[cls], self.precision[cls])
+                for cls, label in self.labels(names).items()}
+
+    def named_ap(self, names: Sequence[str] | Mapping[int, str] | None = None) -> dict[str, float]:
+        """AP per scored class keyed like `curves(names)`, for legends and reports."""
+        return {label: self.ap[cls] for cls, label in self.labels(names).items()}
+
+
+def _class_name(cls: int, names: Sequence[str] | Mapping[int, str] | None) -> str:
+    if isinstance(names, Mapping):
+        return str(names.get(cls, cls))
+    if names is not None and 0 <= cls < len(names):
+        return str(names[cls])
+    return str(cls)
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
