@@ -5,8 +5,9 @@ iteration is bracketed by CUDA events and the host synchronises once, after the 
 figures are device time without host-side gaps; on the CPU a monotonic clock brackets each call.
 Latency is reported as p50/p90/p99 over the timed iterations and throughput as
 batch / median latency. "Model" times the network alone (input already on the device);
-"end to end" times what `detkit detect` does per batch: upload and letterbox BGR images, forward,
-decode, NMS and the final copy of the boxes to the host.
+"end to end" times what `detkit detect` does per batch: upload and letterbox (or, for SSD, stretch:
+engine.letterbox.default_letterbox) BGR images, forward, decode, NMS and the final copy of the
+boxes to the host.
 """
 
 from __future__ import annotations
@@ -251,8 +252,9 @@ def synthetic_images(batch: int, size: tuple[int, int] = E2E_IMAGE_SIZE,
 def time_end_to_end(model: Model, size: tuple[int, int], batch: int = 1, warmup: int = 3,
                     iters: int = 20, device: str | torch.device = "cpu",
                     tick: Callable[[int], object] | None = None, conf_thresh: float = 0.25,
-                    nms_thresh: float = 0.45) -> Timing:
-    """Latency of what detect does per batch: letterbox, forward, decode, NMS, copy to host."""
+                    nms_thresh: float = 0.45, letterbox: bool = True) -> Timing:
+    """Latency of what detect does per batch: letterbox (or stretch), forward, decode, NMS, copy
+    to host. `letterbox` should be default_letterbox of the cfg's model, as detect uses it."""
     from .boxes import postprocess
     from .engine.letterbox import correct_boxes, letterbox_batch
 
@@ -260,7 +262,7 @@ def time_end_to_end(model: Model, size: tuple[int, int], batch: int = 1, warmup:
     images = synthetic_images(batch)
 
     def step() -> list[torch.Tensor]:
-        x, places = letterbox_batch(images, size, device)
+        x, places = letterbox_batch(images, size, device, letterbox)
         dets = postprocess(model(x).float(), conf_thresh, nms_thresh)
         boxes = [correct_boxes(d, p, size) for d, p in zip(dets, places, strict=True)]
         return list(torch.cat(boxes).cpu().split([len(b) for b in boxes]))
@@ -350,9 +352,12 @@ def run_benchmark(model: Model, cfg: str, size: tuple[int, int], batches: Sequen
     """Time `model` (eval, any weights) per batch size, alone and end to end; see module doc."""
     from tqdm import tqdm
 
+    from .engine.letterbox import default_letterbox
+
     if warmup < 0 or iters < 1 or not batches or min(batches) < 1:
         raise DetkitError("need --warmup >= 0, --iters >= 1 and batch sizes >= 1")
     dev = pick_bench_device(device)
+    letterbox = default_letterbox(model)  # end to end = what detect does with this cfg
     timed, dtype = prepare_model(model, dev, fast, half, bf16, compile, size)
     flops = layer_table(model, size).bflops * 1e9
     name = device_name(dev)
@@ -367,8 +372,8 @@ def run_benchmark(model: Model, cfg: str, size: tuple[int, int], batches: Sequen
             bar.set_postfix_str(f"batch {b}")
             _reset_peak_memory(dev)
             t_model = time_forward(timed, size, b, warmup, iters, dev, bar.update)
-            t_e2e = (time_end_to_end(timed, size, b, warmup, iters, dev, bar.update)
-                     if end_to_end else None)
+            t_e2e = (time_end_to_end(timed, size, b, warmup, iters, dev, bar.update,
+                                     letterbox=letterbox) if end_to_end else None)
             report.results.append(_batch_result(report, b, t_model, t_e2e, dev))
     return report
 

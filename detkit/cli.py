@@ -109,7 +109,8 @@ def detect(
     weights: Path | None = typer.Option(None, help="darknet .weights or detkit .pt "
                                            "(default: weights/yolov3-tiny.weights)"),
     names: Path | None = typer.Option(None, help="class names, one a line (default: "
-                                         "coco.names for 80 classes, voc.names for 20)"),
+                                         "coco.names for 80 classes, voc.names for 20, "
+                                         "coco91.names for 90)"),
     conf: float = typer.Option(0.25, "--conf", help="score threshold (objectness x class prob)"),
     nms: float = typer.Option(0.45, "--nms", help="IoU threshold of the per-class NMS"),
     img_size: str | None = typer.Option(None, "--img-size", help="network input W or WxH, "
@@ -132,8 +133,10 @@ def detect(
                                "bar)"),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="include images in "
                                    "subfolders of folder sources"),
-    letterbox: bool = typer.Option(True, "--letterbox/--no-letterbox", help="darknet letterbox "
-                                   "(aspect kept, gray bars) or stretch to the input size"),
+    letterbox: bool | None = typer.Option(None, "--letterbox/--no-letterbox", help="darknet "
+                                          "letterbox (aspect kept, gray bars) or stretch to the "
+                                          "input size (default: the model's: the cfg's letter_box=, "
+                                          "else stretch for SSD, letterbox for YOLO)"),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (folded "
                               "BN, channels-last, fused/Winograd conv on CPU, CUDA graphs) or "
                               "the eager model"),

@@ -5,6 +5,10 @@ Darknet (pjreddie, image.c) feeds a network with `letterbox_image`: the image is
 its aspect ratio kept, then centred on a 0.5-gray canvas. `correct_yolo_boxes` maps the boxes
 back. Both are reproduced here exactly, float32 arithmetic included, so that detkit's answers
 match darknet's; `tests/test_detect.py` compares against libdarknet pixel for pixel.
+
+Not every network wants darknet's letterbox: SSD is trained on images stretched to its square
+input (torchvision, the SSD paper, detkit.data.ssd_augment), so `default_letterbox` says which
+geometry a model expects and detection follows it unless told otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +20,35 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..errors import CfgError
+
 GRAY = 0.5  # darknet's fill_image(boxed, .5)
+LETTERBOX_KEY = "letter_box"  # AlexeyAB's [net] key: 1 letterboxes, 0 stretches
+
+
+def default_letterbox(model: torch.nn.Module) -> bool:
+    """Whether detection should letterbox (True) or stretch (False) this model's input.
+
+    A model answers best with the geometry it was trained on. `[net] letter_box=0/1` (AlexeyAB's
+    key) says it explicitly. Otherwise a model with any SSD head stretches, because SSD is
+    trained on images warped to the square input (torchvision, the SSD paper,
+    detkit.data.ssd_augment); `[yolo]`/`[region]` models letterbox, as pjreddie's darknet does.
+    """
+    net = getattr(model, "net", None)
+    if net is not None and net.has(LETTERBOX_KEY):
+        value = net.get_int(LETTERBOX_KEY)
+        if value not in (0, 1):
+            raise CfgError(f"{net.where(LETTERBOX_KEY)}: [net] {LETTERBOX_KEY}={value} must be 0 "
+                           "(stretch) or 1 (letterbox)")
+        return value == 1
+    return not any(_is_ssd_head(head) for head in getattr(model, "heads", ()))
+
+
+def _is_ssd_head(layer: torch.nn.Module) -> bool:
+    """SSD heads, imported lazily: the heads package is not needed to letterbox a batch."""
+    from ..heads.ssd import SSDHead
+
+    return isinstance(layer, SSDHead)
 
 
 @dataclass(frozen=True)

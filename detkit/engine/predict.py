@@ -16,14 +16,16 @@ import numpy as np
 import torch
 
 from ..errors import DetkitError, WeightsError
-from .letterbox import correct_boxes, letterbox_batch
+from .letterbox import correct_boxes, default_letterbox, letterbox_batch
 from .sources import ImageInput, as_bgr, read_image_or_raise
 
 log = logging.getLogger("detkit")
 
 DEFAULT_CFG = "cfg/yolov3-tiny.cfg"
 DEFAULT_WEIGHTS = "weights/yolov3-tiny.weights"
-NAMES_BY_CLASSES = {80: "data/coco.names", 20: "data/voc.names"}
+# 90: torchvision's COCO SSD (cfg/ssd300-coco.cfg), class c = COCO category id c + 1, so the
+# file is torchvision's COCO_V1 categories without '__background__' ('N/A' for unused ids).
+NAMES_BY_CLASSES = {80: "data/coco.names", 20: "data/voc.names", 90: "data/coco91.names"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ def read_names(path: str | Path) -> list[str]:
 
 
 def resolve_names(names: str | Path | Sequence[str] | None, num_classes: int) -> list[str]:
-    """Names from a file or a list; by default coco.names for 80 classes, voc.names for 20.
+    """Names from a file or a list; by default coco.names for 80 classes, voc.names for 20 and
+    coco91.names (torchvision's COCO category ids 1..90) for 90.
 
     Falls back to the class numbers when no names file fits, so detection never fails on it.
     """
@@ -153,6 +156,10 @@ def check_img_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None
 class Detector:
     """A darknet network ready to detect: letterbox in, boxes in original-image pixels out.
 
+    `letterbox=None` (default) uses the geometry the model was trained on (default_letterbox:
+    darknet's letterbox for YOLO, a stretch for SSD); True or False forces one. Either way the
+    boxes are mapped back to the original image.
+
     `cfg`/`weights` default to yolov3-tiny (COCO) from the detkit checkout or $DETKIT_HOME.
     `fast` (default) runs an inference-optimised copy of the network (detkit.fast: batch norm
     folded, channels-last, fused/Winograd convolutions on the CPU, CUDA graphs on the GPU);
@@ -163,7 +170,7 @@ class Detector:
     def __init__(self, cfg: str | Path | None = None, weights: str | Path | None = None,
                  device: str | torch.device | None = None, conf_thresh: float = 0.25,
                  nms_thresh: float = 0.45, half: bool = False,
-                 img_size: int | tuple[int, int] | None = None, letterbox: bool = True,
+                 img_size: int | tuple[int, int] | None = None, letterbox: bool | None = None,
                  names: str | Path | Sequence[str] | None = None, max_det: int = 300,
                  classes: str | Sequence[str | int] | None = None, fast: bool = True,
                  backend: str = "torch") -> None:
@@ -183,6 +190,8 @@ class Detector:
         self.model = load_model(cfg, weights, device=str(self.device))
         self.input_size = check_img_size(img_size) or self.model.input_size
         self.model.shapes(self.input_size)  # a size the graph cannot take fails here, clearly
+        # read from the cfg-built model, before it is swapped for a fast or onnxruntime copy
+        self.letterbox = default_letterbox(self.model) if letterbox is None else bool(letterbox)
         self.half = bool(half) and self.device.type == "cuda"
         if half and not self.half:
             log.warning("warning: --half needs a CUDA device; running in float32 on %s", self.device)
@@ -203,7 +212,6 @@ class Detector:
         self.conf_thresh = float(conf_thresh)
         self.nms_thresh = float(nms_thresh)
         self.max_det = int(max_det)
-        self.letterbox = bool(letterbox)
         self.num_classes = self.model.num_classes
         self.names = resolve_names(names, self.num_classes)
         self.classes = parse_classes(classes, self.names)
