@@ -13,6 +13,9 @@ from .errors import DataError, DetkitError
 
 log = logging.getLogger("detkit")
 
+STRICT_HELP = ("any label problem (bad box, unknown class, malformed line, missing label file, "
+               "missing or unreadable image) is an error; default: one warning, bad parts left out")
+
 
 def pick_device(device: Optional[str]) -> str:
     import torch
@@ -20,15 +23,20 @@ def pick_device(device: Optional[str]) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_split(data: Path, split: str, names=None):
-    """Items of one split that have an image (others are reported once, then left out)."""
+def load_split(data: Path, split: str, names=None, strict: bool = False):
+    """Items of one split that have an image (others are reported once, then left out).
+
+    strict: any label problem (see detkit.data.read_dataset) is a DataError instead of one
+    warning with the bad parts left out.
+    """
     from .data import read_dataset
 
-    dataset = read_dataset(data, split=split, names=names, missing_labels="error", progress=False)
+    dataset = read_dataset(data, split=split, names=names, missing_labels="error", progress=False,
+                           strict=strict)
     usable = [item for item in dataset.items if item.image is not None]
     if len(usable) < len(dataset.items):
-        log.warning("%s: %d of %d %s images not found; left out", data, len(dataset.items) - len(usable),
-                    len(dataset.items), split)
+        log.warning("%s: %d of %d %s images not found or unreadable; left out", data,
+                    len(dataset.items) - len(usable), len(dataset.items), split)
     if not usable:
         raise DataError(f"{data}: no {split} images found")
     return usable, dataset.names
@@ -62,15 +70,16 @@ def train(
     seed: int = typer.Option(0, help="random seed (data order and augmentation)"),
     no_augment: bool = typer.Option(False, "--no-augment", help="no jitter/HSV/flip"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """Train a detector; writes last.pt, best.pt (by mAP@0.5), last.weights and metrics.csv."""
     from .engine.train import Trainer, TrainOptions
 
-    train_items, names = load_split(data, "train")
+    train_items, names = load_split(data, "train", strict=strict)
     if val is not None:
-        val_items, _ = load_split(val, "valid", names=names or None)
+        val_items, _ = load_split(val, "valid", names=names or None, strict=strict)
     elif data.suffix == ".data":
-        val_items, _ = load_split(data, "valid")
+        val_items, _ = load_split(data, "valid", strict=strict)
     else:
         val_items = []
     run_dir = resume or out or next_run_dir(Path("runs/train"))
@@ -79,7 +88,7 @@ def train(
         resume=resume is not None, device=pick_device(device), max_batches=max_batches, batch=batch,
         subdivisions=subdivisions, learning_rate=lr, burn_in=burn_in, eval_interval=eval_interval,
         checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema,
-        augment=not no_augment, seed=seed, quiet=quiet)
+        augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []))
     result = Trainer(options).train()
     typer.echo(f"done: {result.iterations} iterations; mAP@0.5 last {result.last_map:.4f}, "
                f"best {result.best_map:.4f}; run folder {run_dir}")
@@ -95,13 +104,14 @@ def evaluate(
     nms: float = typer.Option(0.45, help="NMS IoU threshold"),
     batch: int = typer.Option(8, help="images per forward pass"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """mAP: Pascal VOC (2007 11-point and area under the curve) and COCO (pycocotools)."""
     from . import load_model
     from .engine.evaluate import coco_json, evaluate_coco, evaluate_voc
     from .engine.train import predict_samples
 
-    items, names = load_split(data, split)
+    items, names = load_split(data, split, strict=strict)
     device = pick_device(device)
     model = load_model(cfg, weights, device=device)
     detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import REPO
@@ -13,11 +14,19 @@ from detkit.data import darknet_label_path, read_dataset
 from detkit.errors import DataError
 
 DEEPFOREST = REPO / "assets" / "deepforest"
+# A real (tiny) image: an empty file is now reported as an unreadable image.
+TINY_PNG = cv2.imencode(".png", np.zeros((2, 2, 3), np.uint8))[1].tobytes()
 
 
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    return path
+
+
+def image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(TINY_PNG)
     return path
 
 
@@ -39,9 +48,9 @@ def darknet_tree(tmp_path):
     """A darknet-style tree: obj.data, train.txt (paths relative to the .data folder and to the
     list's own folder), images/ and labels/, obj.names."""
     root = tmp_path / "proj"
-    write(root / "images" / "a.jpg", "")
+    image(root / "images" / "a.jpg")
     write(root / "labels" / "a.txt", "0 0.5 0.5 0.2 0.4\n1 0.25 0.75 0.1 0.1 0.93\n")
-    write(root / "lists" / "images" / "b.png", "")
+    image(root / "lists" / "images" / "b.png")
     write(root / "lists" / "labels" / "b.txt", "\n2 0.1 0.2 0.3 0.4\n")
     write(root / "lists" / "train.txt", "images/a.jpg\nimages/b.png\n\n")
     write(root / "obj.names", "cat\ndog\nbird\n")
@@ -59,14 +68,16 @@ def test_darknet_data_file(darknet_tree):
     assert a.classes.tolist() == [0, 1] and b.classes.tolist() == [2]
     assert b.image == darknet_tree.parent / "lists" / "images" / "b.png"
     assert b.source.name == "b.txt" and not a.difficult.any()
-    assert ds.boxes().shape == (3, 4)
+    assert ds.boxes().shape == (3, 4) and ds.problems == []
 
 
 def test_missing_label_file_names_list_line(darknet_tree):
     lst = darknet_tree.parent / "lists" / "train.txt"
     lst.write_text("images/a.jpg\nimages/nolabel.jpg\n")
     with pytest.raises(DataError, match=r"train.txt:2: no label file labels/nolabel.txt for image images/nolabel.jpg under .*proj, "):
-        read_dataset(darknet_tree)
+        read_dataset(darknet_tree, strict=True)
+    reported = read_dataset(darknet_tree)  # reported and left out
+    assert len(reported) == 1 and [p.kind for p in reported.problems] == ["missing label file"]
     ds = read_dataset(darknet_tree, missing_labels="empty")
     assert len(ds.items[1]) == 0
 
@@ -77,12 +88,16 @@ def test_missing_label_file_names_list_line(darknet_tree):
     ("3 0.5 0.5 0.2 0.2", r"class 3 is outside 0..2"),
     ("1 120 80 30 40", r"coordinates \[120.0, 80.0, 30.0, 40.0\] are not normalised"),
     ("1 0.5 nan 0.2 0.2", "non-finite"),
-    ("1 0.5 0.5 -0.2 0.2", r"coordinates .* are not normalised"),
+    ("1 0.5 0.5 -0.2 0.2", r"box of zero or negative size \(w -0.2, h 0.2\)"),
+    ("1 0.5 0.5 0.2 0", r"box of zero or negative size"),
 ])
 def test_bad_label_lines_name_file_and_line(darknet_tree, line, message):
     write(darknet_tree.parent / "labels" / "a.txt", "0 0.5 0.5 0.2 0.4\n" + line + "\n")
     with pytest.raises(DataError, match=r"a\.txt:2: " + message):
-        read_dataset(darknet_tree)
+        read_dataset(darknet_tree, strict=True)
+    kept = read_dataset(darknet_tree)  # the bad line is dropped, the rest of the image kept
+    assert kept.items[0].classes.tolist() == [0] and len(kept.problems) == 1
+    assert str(kept.problems[0]).startswith(f"{kept.items[0].source}:2: ")
 
 
 def test_data_file_errors(tmp_path, darknet_tree):
@@ -106,7 +121,7 @@ def test_image_list_directly(darknet_tree):
     ds = read_dataset(write(root / "all.txt", "images/a.jpg\nlists/images/b.png\n"))
     assert [len(it) for it in ds.items] == [2, 1] and ds.names == []
     with pytest.raises(DataError, match=r"train.txt:1: no label file"):
-        read_dataset(root / "lists" / "train.txt")
+        read_dataset(root / "lists" / "train.txt", strict=True)
 
 
 def test_yolo_label_folder(tmp_path):
@@ -114,7 +129,7 @@ def test_yolo_label_folder(tmp_path):
     write(folder / "classes.txt", "car\nbus\n")
     write(folder / "x.txt", "1 0.5 0.5 0.5 0.5\n")
     write(folder / "y.txt", "")
-    write(tmp_path / "images" / "x.jpg", "")
+    image(tmp_path / "images" / "x.jpg")
     ds = read_dataset(folder)
     assert ds.names == ["car", "bus"] and len(ds) == 2
     assert ds.items[0].image == tmp_path / "images" / "x.jpg" and ds.items[1].image is None
@@ -144,21 +159,23 @@ VOC = """<annotation><filename>{fn}</filename>{size}
 def test_voc_folder_with_annotations_and_errors(tmp_path):
     size = "<size><width>100</width><height>200</height></size>"
     write(tmp_path / "VOC" / "Annotations" / "1.xml", VOC.format(fn="1.jpg", size=size, xmax=31))
-    write(tmp_path / "VOC" / "JPEGImages" / "1.jpg", "")
+    image(tmp_path / "VOC" / "JPEGImages" / "1.jpg")
     ds = read_dataset(tmp_path / "VOC")
     item = ds.items[0]
     assert ds.names == ["dog"] and item.difficult.tolist() == [True]
     assert item.image == tmp_path / "VOC" / "JPEGImages" / "1.jpg"
     np.testing.assert_allclose(item.boxes[0], [0.2, 0.2, 0.2, 0.2])
     assert len(ds.boxes(include_difficult=False)) == 0
-    with pytest.raises(DataError, match=r"1.xml: object 'dog' is not one of the class names"):
-        read_dataset(tmp_path / "VOC", names=["cat"])
+    with pytest.raises(DataError, match=r"1.xml: object 1 'dog' is not one of the class names"):
+        read_dataset(tmp_path / "VOC", names=["cat"], strict=True)
+    assert len(read_dataset(tmp_path / "VOC", names=["cat"]).items[0]) == 0
     nosize = write(tmp_path / "2.xml", VOC.format(fn="2.jpg", size="", xmax=31))
     with pytest.raises(DataError, match=r"2.xml: missing <size><width>"):
-        read_dataset(nosize)
+        read_dataset(nosize, strict=True)
+    assert len(read_dataset(nosize)) == 0  # cannot be normalised: left out
     empty = write(tmp_path / "3.xml", VOC.format(fn="3.jpg", size=size, xmax=5))
-    with pytest.raises(DataError, match=r"3.xml: object 1 \(dog\): empty box"):
-        read_dataset(empty)
+    with pytest.raises(DataError, match=r"3.xml: object 1 \(dog\): inverted or empty box"):
+        read_dataset(empty, strict=True)
 
 
 def coco(images, annotations, categories):
@@ -167,7 +184,7 @@ def coco(images, annotations, categories):
 
 def test_coco_json(tmp_path):
     root = tmp_path / "coco"
-    write(root / "val2017" / "a.jpg", "")
+    image(root / "val2017" / "a.jpg")
     data = coco(
         [{"id": 5, "file_name": "a.jpg", "width": 200, "height": 100},
          {"id": 6, "file_name": "b.jpg", "width": 50, "height": 50}],
@@ -185,7 +202,8 @@ def test_coco_json(tmp_path):
     data["annotations"][1]["image_id"] = 99
     bad = write(tmp_path / "bad.json", json.dumps(data))
     with pytest.raises(DataError, match=r"bad.json: annotations\[1\] \(id 2\): image_id 99"):
-        read_dataset(bad)
+        read_dataset(bad, strict=True)
+    assert [len(it) for it in read_dataset(bad).items] == [1, 0]
     with pytest.raises(DataError, match="no 'images' list"):
         read_dataset(write(tmp_path / "x.json", "{}"))
 
