@@ -125,11 +125,16 @@ def test_summary_shows_the_first_ten(tmp_path):
     assert lines[10].endswith("many.txt:10: class 9 is outside 0..2")
 
 
-def test_strict_raises_one_error_with_the_summary(tree):
-    summary = read_dataset(tree).summary()
+def test_strict_raises_one_line_error_and_logs_the_summary(tree, caplog):
+    dataset = read_dataset(tree)
+    summary, first = dataset.summary(), dataset.problems[0]
+    caplog.clear()
     with pytest.raises(DataError) as raised:
         read_dataset(tree, strict=True)
-    assert str(raised.value) == summary
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(summary.splitlines()[0].rstrip(":"))
+    assert message.endswith(f"the first: {first}")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [summary]
 
 
 def test_empty_label_file_is_a_valid_negative(tmp_path, caplog):
@@ -268,12 +273,13 @@ def test_coco_bad_annotations_are_dropped_and_reported(tmp_path):
 @pytest.mark.parametrize("command", [["eval", "--weights", "none.weights"],
                                      ["train", "--max-batches", "1", "--workers", "0"]])
 def test_cli_strict_exits_2_on_a_bad_label(tree, command):
-    """--strict stops before a model is loaded: one error (the summary), exit code 2."""
+    """--strict stops before a model is loaded: the summary logged, one error line, exit code 2."""
     run = subprocess.run([sys.executable, "-m", "detkit", *command, "--cfg",
                           str(REPO / "cfg" / "yolov3-tiny.cfg"), "--data", str(tree), "--strict"],
                          capture_output=True, text=True, timeout=120, cwd=tree.parent)
     assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith(f"error: 10 label problems in {tree}"), run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: 10 label problems in {tree}"), run.stderr
     assert "mixed.txt:2: coordinates" in run.stderr and "Traceback" not in run.stderr
 
 

@@ -50,6 +50,7 @@ from .problems import (
     box_problem,
     image_problem,
     summarize,
+    summarize_line,
 )
 
 log = logging.getLogger("detkit")
@@ -125,7 +126,8 @@ def read_dataset(path: str | Path, *, split: str = "train", names: Sequence[str]
     dataset = _read_any(path, split, names, missing_labels, progress)
     if dataset.problems:
         if strict:
-            raise DataError(dataset.summary())
+            log.error("%s", dataset.summary())
+            raise DataError(summarize_line(dataset.problems, dataset.source))
         log.warning("%s\nBad lines and boxes were dropped (the rest of each image kept), images "
                     "without labels left out; strict mode makes any problem an error.",
                     dataset.summary())

@@ -77,6 +77,13 @@ def summarize(problems: Sequence[Problem], source: Path | str, limit: int = 10) 
     return "\n".join(lines)
 
 
+def summarize_line(problems: Sequence[Problem], source: Path | str) -> str:
+    """The summary's header and first problem on one line: what a fatal error prints (the CLI
+    shows errors as one line; the full list goes to the log)."""
+    header = summarize(problems, source, limit=0).splitlines()[0].rstrip(":")
+    return f"{header}; the first: {problems[0]}" if problems else header
+
+
 def box_problem(values: Sequence[float]) -> str | None:
     """Why normalised ``cx, cy, w, h`` is not a usable box, or None. Used by every format after
     its own conversion, so that one rule (AlexeyAB's loader, with a little slack) holds."""
