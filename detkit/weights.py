@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import WeightsError
-from .layers.conv import Connected, darknet_tensors
+from .layers.conv import Connected, Convolutional, darknet_tensors
 
 log = logging.getLogger("detkit")
 
@@ -48,6 +48,8 @@ class LoadReport:
     layers_loaded: int
     floats_loaded: int
     floats_in_file: int
+    reinitialised: list[int] = field(default_factory=list)  # layer indices left at their init
+    source_classes: int | None = None
 
 
 def read_header(data: bytes, path: str) -> WeightsHeader:
@@ -84,21 +86,7 @@ def load_darknet_weights(model, path: str | Path, cutoff: int | None = None,
     loads layers 0..N-1 (the file may hold more, as darknet's `partial` does). `partial=True` loads
     whole layers until the file ends (darknet53.conv.74 and friends).
     """
-    path = Path(path)
-    try:
-        raw = np.fromfile(path, np.uint8)  # one read; a writable buffer the tensors copy from
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: weights file not found") from None
-    except IsADirectoryError:
-        raise WeightsError(f"{path}: is a folder, not a weights file") from None
-    except OSError as exc:
-        raise WeightsError(f"{path}: cannot read weights ({exc.strerror})") from None
-    header = read_header(raw[:20].tobytes(), str(path))
-    body = raw[header.nbytes:]
-    if body.size % 4:
-        raise WeightsError(f"{path}: body is not a whole number of float32 values "
-                           f"({body.size} bytes after the header)")
-    floats = body.view("<f4")
+    header, floats = _read_floats(path)
     layers = _loadable_layers(model, cutoff)
     needed = sum(t.numel() for layer in layers for t in darknet_tensors(layer))
     if cutoff is None and not partial and needed != floats.size:
@@ -113,10 +101,81 @@ def load_darknet_weights(model, path: str | Path, cutoff: int | None = None,
     return LoadReport(header, loaded, offset, int(floats.size))
 
 
-def _fill(model, layers, floats: np.ndarray, transpose: bool) -> tuple[int, int]:
+def load_darknet_weights_transfer(model, path: str | Path) -> LoadReport:
+    """Every layer of a file trained for another class count; the class-sized convs re-initialised.
+
+    A darknet file has no shapes, so the file's class count is solved from its length: only the
+    convolution right before each [yolo]/[region] layer depends on the classes, linearly. Users
+    fine-tune COCO's yolov3-tiny.weights on a 1-class cfg this way without knowing a cutoff; a file
+    whose length fits no whole class count is refused with both counts, as in strict loading.
+    """
+    header, floats = _read_floats(path)
+    layers = _loadable_layers(model, None)
+    needed = sum(t.numel() for layer in layers for t in darknet_tensors(layer))
+    if needed == floats.size:
+        offset, loaded = _fill(model, layers, floats, header.transpose)
+        return LoadReport(header, loaded, offset, int(floats.size), source_classes=model.num_classes)
+    per_class = _floats_per_class(model)
+    difference = int(floats.size) - needed
+    source_classes = model.num_classes + difference // per_class if per_class else 0
+    if not per_class or difference % per_class or source_classes < 1:
+        raise WeightsError(
+            f"{path}: the cfg needs {needed:,} floats but the file holds {floats.size:,}, which fits "
+            f"no other class count either (use --cutoff N to load only the first N layers)")
+    skips = {conv.index: per_filter * anchors * (fixed + source_classes)
+             for conv, anchors, fixed, per_filter in _class_sized_convs(model)}
+    offset, loaded = _fill(model, layers, floats, header.transpose, skips=skips)
+    log.info("loaded %d layers from %s (trained for %d classes; layers %s re-initialised for %d)",
+             loaded, path, source_classes, sorted(skips), model.num_classes)
+    return LoadReport(header, loaded, offset, int(floats.size), reinitialised=sorted(skips),
+                      source_classes=source_classes)
+
+
+def _read_floats(path: str | Path) -> tuple[WeightsHeader, np.ndarray]:
+    path = Path(path)
+    try:
+        raw = np.fromfile(path, np.uint8)  # one read; a writable buffer the tensors copy from
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: weights file not found") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a folder, not a weights file") from None
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read weights ({exc.strerror})") from None
+    header = read_header(raw[:20].tobytes(), str(path))
+    body = raw[header.nbytes:]
+    if body.size % 4:
+        raise WeightsError(f"{path}: body is not a whole number of float32 values "
+                           f"({body.size} bytes after the header)")
+    return header, body.view("<f4")
+
+
+def _class_sized_convs(model) -> list[tuple[Convolutional, int, int, int]]:
+    """(conv, anchors, class-independent entries per anchor, floats per filter) per YOLO head."""
+    found = []
+    for head in model.heads:
+        conv = model.layers[head.index - 1]
+        anchors = getattr(head, "num_anchors", None)
+        if head.kind not in ("yolo", "detection") or not isinstance(conv, Convolutional) or not anchors:
+            raise WeightsError(f"layer {head.index} ({head.kind}): class-count transfer needs a "
+                               f"convolution right before each [yolo]/[region] layer")
+        fixed = 5 if head.kind == "yolo" else head.coords + 1
+        found.append((conv, anchors, fixed, sum(t.numel() for t in darknet_tensors(conv)) // conv.filters))
+    return found
+
+
+def _floats_per_class(model) -> int:
+    return sum(anchors * per_filter for _, anchors, _, per_filter in _class_sized_convs(model))
+
+
+def _fill(model, layers, floats: np.ndarray, transpose: bool,
+          skips: dict[int, int] | None = None) -> tuple[int, int]:
+    """Copy layer by layer; a layer in `skips` passes over that many floats and keeps its init."""
     offset = loaded = 0
     with torch.no_grad():
         for layer in layers:
+            if skips and layer.index in skips:
+                offset += skips[layer.index]
+                continue
             tensors = darknet_tensors(layer)
             size = sum(t.numel() for t in tensors)
             if offset + size > floats.size:

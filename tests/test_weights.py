@@ -160,3 +160,30 @@ def detkit_cfg(name):
 def test_official_weights_with_cutoff(tiny_weights):
     model = detkit.load_model(detkit_cfg("yolov3-tiny"), tiny_weights, cutoff=15)
     assert model.layers[14].bn.running_var.abs().sum() > 0
+
+
+def test_transfer_from_another_class_count_reinitialises_only_the_head_convs(tiny_weights):
+    from detkit.weights import load_darknet_weights_transfer
+
+    coco = detkit.load_model(detkit_cfg("yolov3-tiny"), tiny_weights)
+    trees = model_from_cfg(detkit_cfg("yolov3-tiny-trees"))
+    fresh = {k: v.clone() for k, v in trees.state_dict().items()}
+    report = load_darknet_weights_transfer(trees, tiny_weights)
+    assert report.source_classes == 80 and report.reinitialised == [15, 22]
+    assert report.floats_loaded == report.floats_in_file
+    for name, tensor in trees.state_dict().items():
+        layer = int(name.split(".")[1])
+        if layer in (15, 22):
+            assert torch.equal(tensor, fresh[name]), name  # left at its init
+        else:
+            assert torch.equal(tensor, coco.state_dict()[name]), name
+
+
+def test_transfer_refuses_a_length_that_fits_no_class_count(tmp_path, tiny_weights):
+    from detkit.weights import load_darknet_weights_transfer
+
+    data = tiny_weights.read_bytes()
+    (tmp_path / "cut.weights").write_bytes(data[: len(data) - 4 * 1000])
+    with pytest.raises(WeightsError, match="fits no other class count"):
+        load_darknet_weights_transfer(model_from_cfg(detkit_cfg("yolov3-tiny-trees")), tmp_path / "cut.weights")
+
