@@ -218,3 +218,80 @@ def test_detector_learns_squares(data, tmp_path):
     before = evaluate_samples(trainer.model, data[2], "cpu").map
     result = trainer.train()
     assert result.last_map > before + 0.3, (before, result.last_map)
+
+
+SSD_CFG = """[net]
+batch=4
+subdivisions=1
+width=64
+height=64
+channels=3
+learning_rate=0.001
+max_batches=2
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=4
+pad=1
+activation=relu
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=2
+pad=1
+activation=relu
+[ssd]
+layers=0,1
+classes=1
+aspect_ratios=2;2
+scales=0.2,0.5,0.9
+"""
+
+
+def test_ssd_trains_with_ssd_augmentation_and_is_evaluated_stretched(data, tmp_path):
+    """The augmentation family and the evaluation geometry follow the head (default_letterbox):
+    an SSD sees Caffe SSD's crops/expand warped to the square input, and is scored that way."""
+    from detkit.data.ssd_augment import SSDAugment
+    from detkit.engine.train import predict_samples
+
+    root, train, val = data
+    (tmp_path / "ssd.cfg").write_text(SSD_CFG)
+    trainer = Trainer(options(data, tmp_path / "ssd", cfg=tmp_path / "ssd.cfg", max_batches=2))
+    assert isinstance(trainer._augment_settings(), SSDAugment)
+    assert trainer.train().iterations == 2
+    yolo = Trainer(options(data, tmp_path / "yolo", max_batches=1))
+    assert not isinstance(yolo._augment_settings(), SSDAugment)
+
+    wide = tmp_path / "wide.png"  # 128x32: letterboxing would leave gray bars above and below
+    cv2.imwrite(str(wide), np.full((32, 128, 3), 200, np.uint8))
+    sample = Sample(wide, np.array([[0.5, 0.5, 0.5, 0.5]], np.float32), np.zeros(1, np.int64))
+    seen = []
+    model = trainer.model
+
+    def fake_forward(x, targets=None):  # one box over the whole network input, class 0
+        seen.append(x.clone())
+        out = torch.zeros(x.shape[0], 1, 6)
+        out[:, 0] = torch.tensor([32.0, 32.0, 64.0, 64.0, 1.0, 1.0])
+        return out
+
+    model.forward = fake_forward
+    detections, truths = predict_samples(model, [sample], "cpu")
+    assert seen[0].shape[-2:] == (64, 64) and torch.allclose(seen[0], torch.full_like(seen[0], 200 / 255))
+    np.testing.assert_allclose(detections[0].boxes[0], [0, 0, 128, 32], atol=1e-4)  # the whole image
+    np.testing.assert_allclose(truths[0].boxes[0], [32, 8, 96, 24], atol=1e-4)
+
+
+def test_evaluation_writes_metrics_with_loss_parts_and_plots(data, tmp_path):
+    import csv
+
+    out = tmp_path / "plots"
+    Trainer(options(data, out, max_batches=4, eval_interval=2)).train()
+    with (out / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["iteration"]) for r in rows] == [2, 4]
+    assert {"loss", "xy", "wh", "obj", "noobj", "cls", "lr", "map50"} <= set(rows[0])
+    for name in ("loss.png", "map.png", "lr.png", "pr.png"):
+        image = cv2.imread(str(out / name))
+        assert image is not None and image.std() > 0, name

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .augment import DarknetAugment, augment
+from .ssd_augment import SSDAugment, ssd_augment
 
 log = logging.getLogger("detkit")
 
@@ -30,15 +31,23 @@ class Sample:
 
 
 class DetectionDataset(Dataset):
-    """Samples -> (uint8 RGB CHW canvas, targets (K, 5) class, cx, cy, w, h network-normalised)."""
+    """Samples -> (uint8 RGB CHW canvas, targets (K, 5) class, cx, cy, w, h network-normalised).
+
+    The geometry follows the settings: DarknetAugment (or None with `letterbox`) places the image
+    darknet's way; SSDAugment (or None without `letterbox`) warps it to the network size, as SSD
+    is trained and run.
+    """
 
     def __init__(self, samples: Sequence[Sample], net_size: tuple[int, int],
-                 settings: DarknetAugment | None = None, seed: int = 0, max_boxes: int = 90) -> None:
+                 settings: DarknetAugment | SSDAugment | None = None, seed: int = 0, max_boxes: int = 90,
+                 letterbox: bool = True) -> None:
         self.samples = list(samples)
         self.net_size = net_size
         self.settings = settings
         self.seed = seed
         self.max_boxes = max_boxes
+        stretch = isinstance(settings, SSDAugment) or (settings is None and not letterbox)
+        self._transform = ssd_augment if stretch else augment
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -55,7 +64,7 @@ class DetectionDataset(Dataset):
         else:
             boxes, classes = sample.boxes.astype(np.float32), sample.classes.astype(np.int64)
         rng = np.random.default_rng([self.seed, epoch, index]) if self.settings else None
-        canvas, boxes, classes = augment(image, boxes, classes, *self.net_size, self.settings, rng)
+        canvas, boxes, classes = self._transform(image, boxes, classes, *self.net_size, self.settings, rng)
         if rng is not None and len(boxes) > self.max_boxes:  # darknet keeps `max`, shuffled
             keep = rng.permutation(len(boxes))[: self.max_boxes]
             boxes, classes = boxes[keep], classes[keep]

@@ -24,11 +24,14 @@ from tqdm import tqdm
 from ..boxes import postprocess
 from ..data.augment import DarknetAugment
 from ..data.dataset import DetectionDataset, ResumableSampler, Sample, collate
+from ..data.ssd_augment import SSDAugment
 from ..errors import DetkitError
 from ..model import Model, model_from_cfg
-from ..weights import load_darknet_weights, save_darknet_weights
+from ..weights import load_darknet_weights, load_darknet_weights_transfer, save_darknet_weights
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import ImageDetections, ImageTruth, evaluate_voc
+from .letterbox import default_letterbox
+from .plots import plot_pr_curves, plot_training
 from .schedule import Schedule, parameter_groups
 
 log = logging.getLogger("detkit")
@@ -59,6 +62,7 @@ class TrainOptions:
     seed: int = 0
     max_nan_steps: int = 10
     quiet: bool = False
+    names: list[str] = field(default_factory=list)  # class names, for the plots
 
 
 @dataclass
@@ -113,9 +117,13 @@ class Trainer:
 
             load_checkpoint_into(self.model, weights)
             return
-        # Strict without a cutoff: loading 80-class weights into a 1-class cfg must fail, not shift
-        # every later float; --cutoff N takes the first N layers (heads re-initialised).
-        report = load_darknet_weights(self.model, weights, cutoff=cutoff)
+        # Without a cutoff every layer is loaded; a file trained for another class count (COCO's
+        # 80 into a 1-class cfg) is recognised by its length and only the convolutions sized by
+        # the class count are re-initialised. --cutoff N loads layers 0..N-1 only.
+        if cutoff is None:
+            report = load_darknet_weights_transfer(self.model, weights)
+        else:
+            report = load_darknet_weights(self.model, weights, cutoff=cutoff)
         log.info("pretrained: %d layers from %s", report.layers_loaded, weights)
 
     def _hyper(self) -> dict:
@@ -177,12 +185,21 @@ class Trainer:
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # -- data -------------------------------------------------------------------------------
+    def _augment_settings(self) -> DarknetAugment | SSDAugment | None:
+        """The augmentation family follows the input geometry the model is run with: darknet's
+        (jitter, HSV, flip, letterbox placement) for letterboxed YOLO models, SSD's (photometric,
+        expand, min-IoU crop, flip, warp) for stretched ones (SSD heads, or `letter_box=0`)."""
+        if not self.options.augment:
+            return None
+        if not default_letterbox(self.model):
+            return SSDAugment()
+        return DarknetAugment(jitter=self.hyper["jitter"], hue=self.hyper["hue"],
+                              saturation=self.hyper["saturation"], exposure=self.hyper["exposure"])
+
     def _loader(self):
-        settings = DarknetAugment(jitter=self.hyper["jitter"], hue=self.hyper["hue"],
-                                  saturation=self.hyper["saturation"], exposure=self.hyper["exposure"]) \
-            if self.options.augment else None
-        dataset = DetectionDataset(self.options.train, self.model.input_size, settings,
-                                   seed=self.options.seed, max_boxes=getattr(self.model.heads[-1], "max_boxes", 200))
+        dataset = DetectionDataset(self.options.train, self.model.input_size, self._augment_settings(),
+                                   seed=self.options.seed, max_boxes=getattr(self.model.heads[-1], "max_boxes", 200),
+                                   letterbox=default_letterbox(self.model))
         micro = self.hyper["batch"] // self.hyper["subdivisions"] // self.world
         sampler = ResumableSampler(dataset, seed=self.options.seed,
                                    start=self.iteration * self.hyper["batch"], rank=self.rank, world=self.world)
@@ -313,6 +330,7 @@ class Trainer:
         result = evaluate_samples(model, self.options.val, self.device)
         mean_ap = result.map
         self._write_metrics(mean_ap)
+        self._write_plots(result)
         if mean_ap > self.best_map:
             self.best_map = mean_ap
             save_checkpoint(self.options.out / "best.pt", self._state())
@@ -320,25 +338,42 @@ class Trainer:
         return mean_ap
 
     def _write_metrics(self, mean_ap: float) -> None:
+        """One CSV row per evaluation: the loss and its parts averaged over the iterations since
+        the previous row (one iteration's loss is too noisy to plot), and the latest rate."""
         path = self.options.out / "metrics.csv"
-        recent = self.history[-1] if self.history else {}
+        start = getattr(self, "_metrics_mark", 0)
+        window = self.history[start:] or self.history[-1:] or [{}]
+        self._metrics_mark = len(self.history)
         row = {"iteration": self.iteration, "seen": self.model.seen, "map50": mean_ap,
-               "loss": recent.get("loss", float("nan")), "lr": recent.get("lr", float("nan"))}
+               "lr": window[-1].get("lr", float("nan"))}
+        for key in window[-1]:
+            if key not in row and key != "iteration":
+                row[key] = float(np.mean([entry.get(key, np.nan) for entry in window]))
+        row.setdefault("loss", float("nan"))
         new = not path.exists()
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
+            writer = csv.DictWriter(handle, fieldnames=list(row), extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+    def _write_plots(self, result) -> None:
+        """loss/map/lr charts from metrics.csv and this evaluation's precision-recall curves."""
+        out = self.options.out
+        plot_training(out / "metrics.csv", out)
+        names = self.options.names or None
+        plot_pr_curves(result.curves(names), out / "pr.png", ap=result.named_ap(names))
 
 
 @torch.no_grad()
 def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_thresh: float = 0.005,
                     nms_thresh: float = 0.45) -> tuple[list[ImageDetections], list[ImageTruth]]:
-    """Letterboxed inference on every sample; detections and truths in original-image pixels."""
+    """Inference on every sample, letterboxed or stretched as the model is run by `detect`;
+    detections and truths in original-image pixels."""
     was_training = model.training
     model.eval()
-    dataset = DetectionDataset(samples, model.input_size, None)
+    letterbox = default_letterbox(model)
+    dataset = DetectionDataset(samples, model.input_size, None, letterbox=letterbox)
     net_w, net_h = model.input_size
     detections, truths = [], []
     for start in range(0, len(dataset), batch):
@@ -347,7 +382,7 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
         for out, (_, _, index) in zip(postprocess(model(x), conf_thresh, nms_thresh), items, strict=True):
             sample = samples[index]
             width, height = image_size(sample.image)
-            dx, dy, new_w, new_h = place_only(width, height, net_w, net_h)
+            dx, dy, new_w, new_h = place_only(width, height, net_w, net_h) if letterbox else (0, 0, net_w, net_h)
             out = out.cpu().double().numpy()
             scale = np.array([width / new_w, height / new_h, width / new_w, height / new_h])
             boxes = (out[:, :4] - [dx, dy, dx, dy]) * scale
