@@ -348,6 +348,9 @@ def test_coco_json_and_yolo_labels(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == [
         {"image_id": 7, "category_id": 18, "bbox": [10.0, 20.0, 40.0, 80.0], "score": 0.75}]
     assert CocoJsonWriter(tmp_path / "v.json", num_classes=20).category_id(16) == 16
+    names91 = (REPO / "data" / "coco91.names").read_text().splitlines()  # torchvision's SSD classes
+    ssd = CocoJsonWriter(tmp_path / "s.json", num_classes=90)
+    assert ssd.category_id(names91.index("dog")) == 18 and ssd.category_id(0) == 1
     line = yolo_label_lines([det], img_w=100, img_h=200).split()
     assert line[0] == "16" and [float(v) for v in line[1:]] == [0.3, 0.3, 0.4, 0.4, 0.75]
 

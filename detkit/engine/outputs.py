@@ -105,13 +105,14 @@ def image_id_for(stem: str, running_index: int) -> int:
 class CocoJsonWriter:
     """Collects detections in COCO results format and writes them (atomically) at the end.
 
-    category_id is COCO's 91-numbering (darknet's coco_ids) when the model has 80 classes, so
-    the file evaluates directly against COCO annotations; otherwise it is the class index.
+    category_id is COCO's 91-numbering so the file evaluates directly against COCO annotations:
+    darknet's coco_ids for 80 classes, index + 1 for torchvision's 90 (class 0 = id 1, person);
+    otherwise it is the class index.
     """
 
     def __init__(self, path: Path, num_classes: int) -> None:
         self.path = path
-        self.coco_ids = COCO_IDS if num_classes == 80 else None
+        self.coco_ids = COCO_IDS if num_classes == 80 else tuple(range(1, 91)) if num_classes == 90 else None
         self.records: list[dict] = []
 
     def category_id(self, class_id: int) -> int:
