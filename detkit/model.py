@@ -109,6 +109,23 @@ class Model(nn.Module):
     def heads(self) -> list[Layer]:
         return [self.layers[i] for i in self.head_indices]
 
+    def init_head_biases(self, fresh_layers: set[int]) -> list[int]:
+        """Prior objectness on each head's input convolution where that convolution is fresh
+        (not loaded from pretrained weights); the layer indices it set. Heads without
+        `init_prior_biases` (SSD) keep their init."""
+        from .layers.conv import Convolutional
+
+        shapes = self.shapes()
+        primed = []
+        for head in self.heads:
+            conv = self.layers[head.index - 1]
+            if (conv.index in fresh_layers and isinstance(conv, Convolutional) and conv.conv.bias is not None
+                    and hasattr(head, "init_prior_biases")):
+                _, h, w = shapes[head.index][0]
+                head.init_prior_biases(conv.conv.bias, h * w)
+                primed.append(conv.index)
+        return primed
+
     def shapes(self, size: tuple[int, int] | None = None) -> list[tuple[Shape, Shape]]:
         """(input, output) shape of every layer at an input size (w, h); cfg size by default."""
         w, h = size or self.input_size

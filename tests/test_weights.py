@@ -187,3 +187,17 @@ def test_transfer_refuses_a_length_that_fits_no_class_count(tmp_path, tiny_weigh
     with pytest.raises(WeightsError, match="fits no other class count"):
         load_darknet_weights_transfer(model_from_cfg(detkit_cfg("yolov3-tiny-trees")), tmp_path / "cut.weights")
 
+
+
+def test_fresh_heads_start_at_prior_objectness():
+    model = model_from_cfg(detkit_cfg("yolov3-tiny-trees"))
+    before = model.layers[22].conv.bias.clone()
+    assert model.init_head_biases({15}) == [15]
+    bias = model.layers[15].conv.bias.view(3, 6)
+    assert torch.allclose(torch.sigmoid(bias[:, 4]), torch.full((3,), 8 / (13 * 13)), rtol=1e-5)
+    assert torch.equal(model.layers[22].conv.bias, before)  # loaded layers are left alone
+    region = model_from_cfg(detkit_cfg("yolov2-tiny-voc"))
+    last = len(region.layers) - 2
+    assert region.init_head_biases({last}) == [last]
+    objectness = torch.sigmoid(region.layers[last].conv.bias.view(5, 25)[:, 4])
+    assert torch.allclose(objectness, torch.full((5,), 8 / (13 * 13)), rtol=1e-5)

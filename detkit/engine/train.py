@@ -122,9 +122,13 @@ class Trainer:
         # the class count are re-initialised. --cutoff N loads layers 0..N-1 only.
         if cutoff is None:
             report = load_darknet_weights_transfer(self.model, weights)
+            fresh = set(report.reinitialised)
         else:
             report = load_darknet_weights(self.model, weights, cutoff=cutoff)
-        log.info("pretrained: %d layers from %s", report.layers_loaded, weights)
+            fresh = set(range(cutoff, len(self.model.layers)))
+        primed = self.model.init_head_biases(fresh)
+        log.info("pretrained: %d layers from %s; prior objectness on fresh head layers %s",
+                 report.layers_loaded, weights, primed)
 
     def _hyper(self) -> dict:
         net = self.model.net
@@ -220,6 +224,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        self._started = time.perf_counter()  # wall clock of this process, for metrics.csv
         loader = iter(self._loader())
         nan_steps = 0
         stop = {"now": False}
@@ -346,6 +351,8 @@ class Trainer:
         self._metrics_mark = len(self.history)
         row = {"iteration": self.iteration, "seen": self.model.seen, "map50": mean_ap,
                "lr": window[-1].get("lr", float("nan"))}
+        if hasattr(self, "_started"):
+            row["minutes"] = round((time.perf_counter() - self._started) / 60, 3)
         for key in window[-1]:
             if key not in row and key != "iteration":
                 row[key] = float(np.mean([entry.get(key, np.nan) for entry in window]))

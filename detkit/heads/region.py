@@ -6,7 +6,7 @@ import torch
 
 from ..cfg import Section
 from ..layers.base import BuildContext, Layer, Shape
-from .common import anchor_pairs, flatten_predictions, grid_offsets
+from .common import anchor_pairs, flatten_predictions, grid_offsets, init_objectness_bias
 from .region_loss import region_loss
 
 # Parsed by darknet but never used by it; read so they raise no "unused" warning.
@@ -87,6 +87,10 @@ class RegionHead(Layer):
         anchors are in grid cells, so the network size is not needed. See heads/region_loss.py.
         """
         return region_loss(self, raw, targets, seen)
+
+    def init_prior_biases(self, bias: torch.Tensor, cells: int) -> None:
+        """Prior objectness for the fresh convolution feeding this layer (see common.py)."""
+        init_objectness_bias(bias, self.num_anchors, cells)
 
     def table_row(self, in_shape: Shape, out_shape: Shape) -> str:
         return "detection"

@@ -6,7 +6,7 @@ import torch
 
 from ..cfg import Section
 from ..layers.base import BuildContext, Layer, Shape
-from .common import anchor_pairs, flatten_predictions, grid_offsets
+from .common import anchor_pairs, flatten_predictions, grid_offsets, init_objectness_bias
 from .yolo_loss import yolo_loss
 
 
@@ -81,6 +81,10 @@ class YoloHead(Layer):
         [yolo] and accepted so every head has the same signature. See heads/yolo_loss.py.
         """
         return yolo_loss(self, raw, targets, net_hw)
+
+    def init_prior_biases(self, bias: torch.Tensor, cells: int) -> None:
+        """Prior objectness for the fresh convolution feeding this layer (see common.py)."""
+        init_objectness_bias(bias, self.num_anchors, cells)
 
     def table_row(self, in_shape: Shape, out_shape: Shape) -> str:
         return "yolo"
