@@ -104,6 +104,7 @@ def evaluate(
     nms: float = typer.Option(0.45, help="NMS IoU threshold"),
     batch: int = typer.Option(8, help="images per forward pass"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the precision-recall curves (PNG)"),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """mAP: Pascal VOC (2007 11-point and area under the curve) and COCO (pycocotools)."""
@@ -128,6 +129,12 @@ def evaluate(
     typer.echo("COCO: " + "  ".join(f"{k} {v:.4f}" for k, v in coco.items()))
     if json_out is not None:
         json_out.write_text(json.dumps(coco_json(detections, list(range(1, len(items) + 1)))))
+    if plot is not None:
+        from .engine.plots import plot_pr_curves
+
+        labels = list(names) if names else None
+        plot_pr_curves(voc.curves(labels), plot, ap=voc.named_ap(labels))
+        typer.echo(f"precision-recall curves: {plot}")
 
 
 def register(app: typer.Typer) -> None:
