@@ -63,7 +63,7 @@ demo: install assets darknet
 	$(VENV)/bin/detkit detect assets/video/bikes.mp4 --out runs/demo/video
 	@echo "annotated photos: runs/demo/photos   annotated video: runs/demo/video"
 
-test: install assets darknet
+test: install assets darknet trees
 	$(PY) -m pytest -q
 
 test-fast: install
