@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +45,25 @@ def load_split(data: Path, split: str, names=None, strict: bool = False):
     return usable, dataset.names
 
 
+def launch_processes(count: int, argv: Optional[list[str]] = None) -> int:
+    """`detkit train --gpus N ...` = `torchrun --standalone --nproc_per_node N -m detkit train ...`:
+    the same command in N processes (this one waits); each takes GPU LOCAL_RANK."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--gpus":
+            del args[i:i + 2]
+            break
+        if arg.startswith("--gpus="):
+            del args[i]
+            break
+    if not any(arg.split("=")[0] in ("--out", "--resume") for arg in args):
+        args += ["--out", str(next_run_dir(Path("runs/train")))]  # one folder, not one per process
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={count}", "-m", "detkit", *args]
+    log.info("launching %d processes: %s", count, " ".join(command))
+    return subprocess.call(command)
+
+
 def next_run_dir(root: Path) -> Path:
     from .engine.outputs import next_run_dir as numbered
 
@@ -71,9 +93,14 @@ def train(
     no_augment: bool = typer.Option(False, "--no-augment", help="no jitter/HSV/flip"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    gpus: int = typer.Option(1, "--gpus", help="processes, one per GPU (runs torchrun for you)"),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes (CUDA)"),
 ) -> None:
     """Train a detector; writes last.pt, best.pt (by mAP@0.5), last.weights and metrics.csv."""
     from .engine.train import Trainer, TrainOptions
+
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(launch_processes(gpus))
 
     train_items, names = load_split(data, "train", strict=strict)
     if val is not None:
@@ -88,7 +115,7 @@ def train(
         resume=resume is not None, device=pick_device(device), max_batches=max_batches, batch=batch,
         subdivisions=subdivisions, learning_rate=lr, burn_in=burn_in, eval_interval=eval_interval,
         checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema,
-        augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []))
+        augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []), sync_bn=sync_bn)
     result = Trainer(options).train()
     typer.echo(f"done: {result.iterations} iterations; mAP@0.5 last {result.last_map:.4f}, "
                f"best {result.best_map:.4f}; run folder {run_dir}")

@@ -295,3 +295,46 @@ def test_evaluation_writes_metrics_with_loss_parts_and_plots(data, tmp_path):
     for name in ("loss.png", "map.png", "lr.png", "pr.png"):
         image = cv2.imread(str(out / name))
         assert image is not None and image.std() > 0, name
+
+
+def test_sync_batchnorm_conversion_keeps_parameters_and_darknet_inference(data):
+    from detkit.layers.conv import DarknetSyncBatchNorm, convert_sync_batchnorm
+    from detkit.model import model_from_cfg
+
+    model = model_from_cfg(data[0] / "tiny.cfg").eval()
+    params = list(model.parameters())
+    x = torch.rand(2, 3, 64, 64)
+    before = model(x)
+    assert convert_sync_batchnorm(model) == 3
+    assert all(isinstance(layer.bn, DarknetSyncBatchNorm) for layer in list(model.layers)[:3])
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert torch.equal(model(x), before)  # darknet's inference formula, unchanged
+
+
+def test_sync_bn_in_one_process_is_ignored_with_a_warning(data, tmp_path, caplog):
+    Trainer(options(data, tmp_path / "sync", sync_bn=True, max_batches=1))
+    assert "nothing to synchronise" in caplog.text
+
+
+def test_gpus_launches_one_process_per_device_with_torchrun(data, tmp_path):
+    """`detkit train --gpus 2` on the CPU (gloo): torchrun runs two processes, one run folder."""
+    root, train, _ = data
+    listing = tmp_path / "train.txt"
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    lines = []
+    for sample in train[:8]:
+        rows = [f"0 {' '.join(f'{v:.6f}' for v in box)}" for box in sample.boxes]
+        (labels / f"{sample.image.stem}.txt").write_text("\n".join(rows) + "\n")
+        image = tmp_path / "images" / sample.image.name
+        image.parent.mkdir(exist_ok=True)
+        image.write_bytes(sample.image.read_bytes())
+        lines.append(str(image))
+    listing.write_text("\n".join(lines) + "\n")
+    run = subprocess.run([sys.executable, "-m", "detkit", "train", "--data", str(listing), "--cfg",
+                          str(root / "tiny-nobn.cfg"), "--gpus", "2", "--device", "cpu", "--max-batches", "2",
+                          "--workers", "0", "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    folders = list((tmp_path / "runs" / "train").iterdir())
+    assert len(folders) == 1 and (folders[0] / "last.pt").exists()
+    assert load_checkpoint(folders[0] / "last.pt")["iteration"] == 2

@@ -26,6 +26,7 @@ from ..data.augment import DarknetAugment
 from ..data.dataset import DetectionDataset, ResumableSampler, Sample, collate
 from ..data.ssd_augment import SSDAugment
 from ..errors import DetkitError
+from ..layers.conv import convert_sync_batchnorm
 from ..model import Model, model_from_cfg
 from ..weights import load_darknet_weights, load_darknet_weights_transfer, save_darknet_weights
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -63,6 +64,7 @@ class TrainOptions:
     max_nan_steps: int = 10
     quiet: bool = False
     names: list[str] = field(default_factory=list)  # class names, for the plots
+    sync_bn: bool = False               # SyncBatchNorm across processes (CUDA)
 
 
 @dataclass
@@ -82,18 +84,30 @@ def distributed_context() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def process_device(device: str, world: int) -> torch.device:
+    """Under torchrun each process takes its own GPU (LOCAL_RANK) when given plain 'cuda'."""
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is None and world > 1:
+        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    return chosen
+
+
 class Trainer:
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
         self.rank, self.world = distributed_context()
         torch.manual_seed(options.seed)
         random.seed(options.seed)
-        self.device = torch.device(options.device)
+        self.device = process_device(options.device, self.world)
         self.model = model_from_cfg(options.cfg)
         if not self.model.heads:
             raise DetkitError(f"{options.cfg}: has no detection layer to train")
         if options.weights is not None and not options.resume:
             self._load_pretrained(options.weights, options.cutoff)
+        if options.sync_bn:
+            self._sync_batchnorm()
         self.model.to(self.device)
         self.hyper = self._hyper()
         self.schedule = Schedule.from_net(self.model.net)
@@ -129,6 +143,16 @@ class Trainer:
         primed = self.model.init_head_biases(fresh)
         log.info("pretrained: %d layers from %s; prior objectness on fresh head layers %s",
                  report.layers_loaded, weights, primed)
+
+    def _sync_batchnorm(self) -> None:
+        """Batch statistics over every process (torch's SyncBatchNorm runs on CUDA only)."""
+        if self.world == 1:
+            log.warning("--sync-bn: a single process has nothing to synchronise; ignored")
+            return
+        if self.device.type != "cuda":
+            raise DetkitError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU")
+        count = convert_sync_batchnorm(self.model)
+        log.info("SyncBatchNorm: %d batch-norm layers synchronised over %d processes", count, self.world)
 
     def _hyper(self) -> dict:
         net = self.model.net

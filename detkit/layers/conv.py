@@ -53,6 +53,30 @@ def darknet_batchnorm(n: int, dims: int = 2) -> nn.Module:
     return DarknetBatchNorm(n)
 
 
+class DarknetSyncBatchNorm(nn.SyncBatchNorm):
+    """DarknetBatchNorm whose training statistics are computed over every process (CUDA):
+    torch's SyncBatchNorm in training, darknet's formula at inference."""
+
+    inference_scale_shift = DarknetBatchNorm.inference_scale_shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        return DarknetBatchNorm.forward(self, x)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> int:
+    """Turn every 4-D DarknetBatchNorm into a DarknetSyncBatchNorm in place (same parameters,
+    statistics and identity, so an optimizer built before still holds them); how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is DarknetBatchNorm:
+            module.__class__ = DarknetSyncBatchNorm
+            module.process_group = None  # the default (whole world) group
+            count += 1
+    return count
+
+
 class Convolutional(Layer):
     kind = "conv"
 
