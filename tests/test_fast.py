@@ -189,7 +189,7 @@ def test_winograd_equals_direct_convolution(m, hw, activation, threads):
 
 
 @pytest.mark.parametrize("size,stride", [(2, 2), (2, 1), (3, 1), (3, 2), (5, 1)])
-@pytest.mark.parametrize("hw", [(13, 13), (26, 26), (15, 10)])
+@pytest.mark.parametrize("hw", [(13, 13), (26, 26), (15, 10), (14, 20)])
 def test_fast_maxpool_equals_darknets(size, stride, hw):
     from detkit.model import model_from_text
 
