@@ -119,11 +119,15 @@ def test_every_layer_equals_eager(name, size):
     torch.testing.assert_close(preds_fast, preds, rtol=1e-3, atol=1e-3)
 
 
-def test_the_kernels_are_the_fast_ones():
+def test_the_kernels_are_the_fast_ones(monkeypatch):
+    import detkit.fast
+
     model = random_model("mini-region", 128)
-    fast = optimize_for_inference(model, "cpu")
+    timed = []
+    monkeypatch.setattr(detkit.fast, "_faster", lambda a, b, shape: timed.append(shape) or a)
+    fast = optimize_for_inference(model, "cpu")  # Winograd wherever it is a candidate
     kinds = {type(layer.conv).__name__ for layer in fast.layers if isinstance(layer, Convolutional)}
-    assert kinds == {"OneDnnConvAct", "WinogradConv3x3"}
+    assert kinds == {"OneDnnConvAct", "WinogradConv3x3"} and timed
     assert {m.m for m in fast.modules() if isinstance(m, WinogradConv3x3)} == {2, 4}
     assert all(layer.bn is None for layer in fast.layers if isinstance(layer, Convolutional))
     assert any(isinstance(layer, FastMaxPool) for layer in fast.layers)
@@ -186,6 +190,20 @@ def test_winograd_equals_direct_convolution(m, hw, activation, threads):
     assert got.shape == expected.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(expected, got) < 1e-5
+
+
+def test_the_faster_candidate_is_kept():
+    import time
+
+    from detkit.fast import _faster
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.003)
+            return x
+
+    quick, slow = torch.nn.Identity(), Slow()
+    assert _faster(slow, quick, (3, 8, 8)) is quick and _faster(quick, slow, (3, 8, 8)) is quick
 
 
 @pytest.mark.parametrize("size,stride", [(2, 2), (2, 1), (3, 1), (3, 2), (5, 1)])
