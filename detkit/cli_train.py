@@ -45,6 +45,15 @@ def load_split(data: Path, split: str, names=None, strict: bool = False):
     return usable, dataset.names
 
 
+def check_gpu_count(gpus: int, device: Optional[str]) -> None:
+    """--gpus N on CUDA needs N visible GPUs (on the CPU, N gloo processes are fine)."""
+    if pick_device(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            raise DetkitError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
 def launch_processes(count: int, argv: Optional[list[str]] = None) -> int:
     """`detkit train --gpus N ...` = `torchrun --standalone --nproc_per_node N -m detkit train ...`:
     the same command in N processes (this one waits); each takes GPU LOCAL_RANK."""
@@ -100,6 +109,7 @@ def train(
     from .engine.train import Trainer, TrainOptions
 
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        check_gpu_count(gpus, device)
         raise typer.Exit(launch_processes(gpus))
 
     train_items, names = load_split(data, "train", strict=strict)

@@ -125,10 +125,21 @@ def load_darknet_weights_transfer(model, path: str | Path) -> LoadReport:
     skips = {conv.index: per_filter * anchors * (fixed + source_classes)
              for conv, anchors, fixed, per_filter in _class_sized_convs(model)}
     offset, loaded = _fill(model, layers, floats, header.transpose, skips=skips)
-    log.info("loaded %d layers from %s (trained for %d classes; layers %s re-initialised for %d)",
+    _check_statistics(model, path, source_classes)
+    log.warning("loaded %d layers from %s (trained for %d classes; layers %s re-initialised for %d)",
              loaded, path, source_classes, sorted(skips), model.num_classes)
     return LoadReport(header, loaded, offset, int(floats.size), reinitialised=sorted(skips),
                       source_classes=source_classes)
+
+
+def _check_statistics(model, path, source_classes: int) -> None:
+    """A file whose length only happens to fit another class count loads shifted floats: its
+    batch-norm variances then come out negative or non-finite somewhere. Refuse it."""
+    for layer in model.layers:
+        bn = getattr(layer, "bn", None)
+        if bn is not None and not bool(torch.isfinite(bn.running_var).all() and (bn.running_var >= 0).all()):
+            raise WeightsError(f"{path}: read as a {source_classes}-class file, layer {layer.index} gets "
+                               f"negative or non-finite batch-norm variances: not a file for this cfg")
 
 
 def _read_floats(path: str | Path) -> tuple[WeightsHeader, np.ndarray]:

@@ -53,6 +53,7 @@ def start_map(cfg: Path, weights: Path, cutoff: int, trees: Path) -> float:
     torch.manual_seed(0)  # the trainer seeds with --seed (0) before it builds the model
     model = model_from_cfg(cfg)
     load_darknet_weights(model, weights, cutoff=cutoff)
+    model.init_head_biases(set(range(cutoff, len(model.layers))))  # as the trainer does
     val, _ = load_split(trees, "valid")
     return evaluate_samples(model, val, "cpu").map
 

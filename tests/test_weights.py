@@ -201,3 +201,16 @@ def test_fresh_heads_start_at_prior_objectness():
     assert region.init_head_biases({last}) == [last]
     objectness = torch.sigmoid(region.layers[last].conv.bias.view(5, 25)[:, 4])
     assert torch.allclose(objectness, torch.full((5,), 8 / (13 * 13)), rtol=1e-5)
+
+
+def test_transfer_refuses_a_file_whose_length_only_happens_to_fit(tmp_path, tiny_weights):
+    """39 classes' worth of floats cut from the front: the length fits a 41-class file, the
+    content is shifted, and the batch-norm variances give it away."""
+    from detkit.weights import _floats_per_class, load_darknet_weights_transfer
+
+    trees = model_from_cfg(detkit_cfg("yolov3-tiny-trees"))
+    data = tiny_weights.read_bytes()
+    cut = 4 * 39 * _floats_per_class(trees)
+    (tmp_path / "shifted.weights").write_bytes(data[:20] + data[20 + cut:])
+    with pytest.raises(WeightsError, match="batch-norm variances"):
+        load_darknet_weights_transfer(trees, tmp_path / "shifted.weights")

@@ -75,21 +75,22 @@ class TrainResult:
     history: list[dict]
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) for a single process."""
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a single process. NCCL for
+    CUDA devices, gloo otherwise (a CPU run on a CUDA machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def process_device(device: str, world: int) -> torch.device:
-    """Under torchrun each process takes its own GPU (LOCAL_RANK) when given plain 'cuda'."""
+def process_device(device: str) -> torch.device:
+    """Plain 'cuda' becomes this process's GPU: LOCAL_RANK under torchrun, else the current one."""
     chosen = torch.device(device)
-    if chosen.type == "cuda" and chosen.index is None and world > 1:
-        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if chosen.type == "cuda":
+        if chosen.index is None:
+            local = os.environ.get("LOCAL_RANK")
+            chosen = torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
         torch.cuda.set_device(chosen)
     return chosen
 
@@ -97,10 +98,10 @@ def process_device(device: str, world: int) -> torch.device:
 class Trainer:
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
-        self.rank, self.world = distributed_context()
+        self.device = process_device(options.device)
+        self.rank, self.world = distributed_context(self.device)
         torch.manual_seed(options.seed)
         random.seed(options.seed)
-        self.device = process_device(options.device, self.world)
         self.model = model_from_cfg(options.cfg)
         if not self.model.heads:
             raise DetkitError(f"{options.cfg}: has no detection layer to train")
@@ -214,12 +215,11 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------
     def _augment_settings(self) -> DarknetAugment | SSDAugment | None:
-        """The augmentation family follows the input geometry the model is run with: darknet's
-        (jitter, HSV, flip, letterbox placement) for letterboxed YOLO models, SSD's (photometric,
-        expand, min-IoU crop, flip, warp) for stretched ones (SSD heads, or `letter_box=0`)."""
+        """SSD's augmentation (photometric, expand, min-IoU crop, flip, warp) for models with an
+        SSD head, darknet's (jitter, HSV, flip, placement; the cfg's keys) for the others."""
         if not self.options.augment:
             return None
-        if not default_letterbox(self.model):
+        if any(getattr(head, "kind", "") == "ssd" for head in self.model.heads):
             return SSDAugment()
         return DarknetAugment(jitter=self.hyper["jitter"], hue=self.hyper["hue"],
                               saturation=self.hyper["saturation"], exposure=self.hyper["exposure"])
@@ -382,8 +382,9 @@ class Trainer:
                 row[key] = float(np.mean([entry.get(key, np.nan) for entry in window]))
         row.setdefault("loss", float("nan"))
         new = not path.exists()
+        fields = list(row) if new else path.read_text().splitlines()[0].split(",")
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row), extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
