@@ -140,6 +140,7 @@ def evaluate(
     conf: float = typer.Option(0.005, help="candidate threshold (darknet's valid: 0.005)"),
     nms: float = typer.Option(0.45, help="NMS IoU threshold"),
     batch: int = typer.Option(8, help="images per forward pass"),
+    fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (as detect)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the precision-recall curves (PNG)"),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
@@ -152,6 +153,10 @@ def evaluate(
     items, names = load_split(data, split, strict=strict)
     device = pick_device(device)
     model = load_model(cfg, weights, device=device)
+    if fast:
+        from .fast import optimize_for_inference
+
+        model = optimize_for_inference(model, device)
     detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms)
     voc = evaluate_voc(detections, truths)
     voc07 = evaluate_voc(detections, truths, use_07_metric=True)

@@ -93,3 +93,48 @@ def test_coco_metrics_equal_pycocotools():
         evaluator.summarize()
     assert list(ours.values()) == pytest.approx(list(evaluator.stats))
     assert 0.0 < ours["AP50"] <= 1.0
+
+
+
+def test_eval_cli_fast_path_scores_like_the_eager_model(tiny_weights, tmp_path):
+    """`detkit eval` on darknet's photos, labelled with the eager model's own detections at 0.25
+    (so the mAP is high, not a vacuous 0): the default fast path and --no-fast give the same table."""
+    import re
+    import subprocess
+    import sys
+
+    import cv2
+    from conftest import DARKNET_DATA, REPO
+
+    from detkit.engine.predict import Detector
+
+    eager_detector = Detector(REPO / "cfg" / "yolov3-tiny.cfg", tiny_weights, device="cpu", fast=False)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    listing = []
+    for name in ("dog", "horses", "person", "eagle", "giraffe", "kite"):
+        photo = DARKNET_DATA / f"{name}.jpg"
+        if not photo.exists():
+            pytest.skip("darknet's sample photos are not installed")
+        image = cv2.imread(str(photo))
+        rows = eager_detector.predict_arrays([image])[0].numpy()
+        h, w = image.shape[:2]
+        lines = [f"{int(c)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
+                 for x1, y1, x2, y2, _, c in rows]
+        (tmp_path / "labels" / f"{name}.txt").write_text("\n".join(lines) + "\n")
+        (tmp_path / "images" / f"{name}.jpg").write_bytes(photo.read_bytes())
+        listing.append(str(tmp_path / "images" / f"{name}.jpg"))
+    (tmp_path / "photos.txt").write_text("\n".join(listing) + "\n")
+
+    def evaluate(*extra: str) -> dict[str, float]:
+        run = subprocess.run([sys.executable, "-m", "detkit", "eval", "--cfg", str(REPO / "cfg" / "yolov3-tiny.cfg"),
+                              "--weights", str(tiny_weights), "--data", str(tmp_path / "photos.txt"),
+                              "--device", "cpu", *extra], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "COCO: AP " in run.stdout
+        return {name: float(value) for name, value in re.findall(r"^(\S+)\s+([0-9.]+)\s+[0-9.]+$", run.stdout, re.M)}
+
+    fast, eager = evaluate(), evaluate("--no-fast")
+    assert fast.keys() == eager.keys() and eager["mAP@0.5"] > 0.5
+    for name in fast:
+        assert fast[name] == pytest.approx(eager[name], abs=2e-3), name
