@@ -111,7 +111,7 @@ def load_darknet_weights_transfer(model, path: str | Path) -> LoadReport:
     """
     header, floats = _read_floats(path)
     layers = _loadable_layers(model, None)
-    needed = sum(t.numel() for layer in layers for t in darknet_tensors(layer))
+    needed = expected_floats(model)
     if needed == floats.size:
         offset, loaded = _fill(model, layers, floats, header.transpose)
         return LoadReport(header, loaded, offset, int(floats.size), source_classes=model.num_classes)
@@ -127,7 +127,7 @@ def load_darknet_weights_transfer(model, path: str | Path) -> LoadReport:
     offset, loaded = _fill(model, layers, floats, header.transpose, skips=skips)
     _check_statistics(model, path, source_classes)
     log.warning("loaded %d layers from %s (trained for %d classes; layers %s re-initialised for %d)",
-             loaded, path, source_classes, sorted(skips), model.num_classes)
+                loaded, path, source_classes, sorted(skips), model.num_classes)
     return LoadReport(header, loaded, offset, int(floats.size), reinitialised=sorted(skips),
                       source_classes=source_classes)
 

@@ -41,14 +41,15 @@ def default_letterbox(model: torch.nn.Module) -> bool:
             raise CfgError(f"{net.where(LETTERBOX_KEY)}: [net] {LETTERBOX_KEY}={value} must be 0 "
                            "(stretch) or 1 (letterbox)")
         return value == 1
-    return not any(_is_ssd_head(head) for head in getattr(model, "heads", ()))
+    return not has_ssd_head(model)
 
 
-def _is_ssd_head(layer: torch.nn.Module) -> bool:
-    """SSD heads, imported lazily: the heads package is not needed to letterbox a batch."""
+def has_ssd_head(model: torch.nn.Module) -> bool:
+    """Whether any head is an SSD head (imported lazily: the heads package is not needed to
+    letterbox a batch). Decides the input geometry here and the augmentation family in training."""
     from ..heads.ssd import SSDHead
 
-    return isinstance(layer, SSDHead)
+    return any(isinstance(head, SSDHead) for head in getattr(model, "heads", ()))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from ..model import Model, model_from_cfg
 from ..weights import load_darknet_weights, load_darknet_weights_transfer, save_darknet_weights
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import ImageDetections, ImageTruth, evaluate_voc
-from .letterbox import default_letterbox
+from .letterbox import default_letterbox, has_ssd_head
 from .plots import plot_pr_curves, plot_training
 from .schedule import Schedule, parameter_groups
 
@@ -219,7 +219,7 @@ class Trainer:
         SSD head, darknet's (jitter, HSV, flip, placement; the cfg's keys) for the others."""
         if not self.options.augment:
             return None
-        if any(getattr(head, "kind", "") == "ssd" for head in self.model.heads):
+        if has_ssd_head(self.model):
             return SSDAugment()
         return DarknetAugment(jitter=self.hyper["jitter"], hue=self.hyper["hue"],
                               saturation=self.hyper["saturation"], exposure=self.hyper["exposure"])
