@@ -84,6 +84,8 @@ def train(
     cfg: Path = typer.Option(..., "--cfg", help="network .cfg (its [net] gives the schedule)"),
     weights: Optional[Path] = typer.Option(None, help="pretrained darknet .weights or detkit .pt"),
     cutoff: Optional[int] = typer.Option(None, help="load only layers 0..N-1 of --weights"),
+    freeze: Optional[int] = typer.Option(None, help="do not train layers 0..N-1 (default: up to the cfg's "
+                                         "stopbackward=1 layer)"),
     val: Optional[Path] = typer.Option(None, help="validation data (default: the .data valid= list)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default: runs/train/expN)"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from last.pt"),
@@ -121,7 +123,7 @@ def train(
         val_items = []
     run_dir = resume or out or next_run_dir(Path("runs/train"))
     options = TrainOptions(
-        cfg=cfg, train=train_items, val=val_items, out=run_dir, weights=weights, cutoff=cutoff,
+        cfg=cfg, train=train_items, val=val_items, out=run_dir, weights=weights, cutoff=cutoff, freeze=freeze,
         resume=resume is not None, device=pick_device(device), max_batches=max_batches, batch=batch,
         subdivisions=subdivisions, learning_rate=lr, burn_in=burn_in, eval_interval=eval_interval,
         checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema,

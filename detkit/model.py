@@ -18,7 +18,7 @@ NET_KEYS = {
     "max_batches", "angle", "aspect", "saturation", "exposure", "hue", "adam", "B1", "B2", "eps",
     "max_crop", "min_crop", "time_steps", "notruth", "random", "center", "letter_box", "flip",
     "mosaic", "cutmix", "mixup", "resize_step", "tree", "max_chart_loss", "mean", "std",
-    "channel_order", "input_scale",
+    "channel_order", "input_scale", "rot90",
 }
 
 

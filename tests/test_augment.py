@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from detkit.data.augment import DarknetAugment, augment, move_boxes, place
+from detkit.data.augment import DarknetAugment, augment, move_boxes, place, rotate90
 
 
 def painted(w=200, h=120):
@@ -59,3 +59,29 @@ def test_hsv_keeps_gray_and_shape():
     canvas, moved, _ = augment(image, boxes, np.array([0, 1]), 96, 64, settings, np.random.default_rng(1))
     assert canvas.shape == (64, 96, 3) and canvas.dtype == np.uint8
     assert len(moved) == 2
+
+
+def test_quarter_turns_move_boxes_with_the_paint():
+    image, boxes = painted()
+    for turns in range(4):
+        turned, moved = rotate90(image, boxes, turns)
+        size = np.array(turned.shape[1::-1] * 2, np.float32)  # (w, h, w, h) of the turned image
+        for box in moved * size:
+            x1, y1 = int(box[0] - box[2] / 2) + 1, int(box[1] - box[3] / 2) + 1
+            x2, y2 = int(box[0] + box[2] / 2) - 1, int(box[1] + box[3] / 2) - 1
+            assert turned[y1:y2, x1:x2].min() == 255  # the box still lies on white paint only
+        expected_shape = image.shape if turns % 2 == 0 else (image.shape[1], image.shape[0], 3)
+        assert turned.shape == expected_shape
+    np.testing.assert_allclose(rotate90(image, boxes, 4)[1], boxes)
+
+
+def test_rot90_setting_turns_samples_and_keeps_boxes_on_objects():
+    image, boxes = painted(120, 120)
+    settings = DarknetAugment(jitter=0.0, hue=0.0, saturation=1.0, exposure=1.0, flip=False, rot90=True)
+    orientations = set()
+    for seed in range(12):
+        canvas, moved, _ = augment(image, boxes, np.array([0, 1]), 120, 120, settings, np.random.default_rng(seed))
+        for box in moved:
+            assert box_mean(canvas, box, 120) > 240
+        orientations.add(tuple(np.round(moved[0], 3)))
+    assert len(orientations) == 4  # every quarter turn occurs

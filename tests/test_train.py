@@ -338,3 +338,37 @@ def test_gpus_launches_one_process_per_device_with_torchrun(data, tmp_path):
     folders = list((tmp_path / "runs" / "train").iterdir())
     assert len(folders) == 1 and (folders[0] / "last.pt").exists()
     assert load_checkpoint(folders[0] / "last.pt")["iteration"] == 2
+
+
+def layer_weights(model) -> list[torch.Tensor]:
+    return [layer.conv.weight.detach().clone() for layer in model.layers if hasattr(layer, "conv")]
+
+
+@pytest.mark.parametrize("how", ["option", "stopbackward"])
+def test_frozen_layers_keep_their_weights_and_the_rest_trains(data, tmp_path, how):
+    root = data[0]
+    cfg = root / "tiny.cfg"
+    if how == "stopbackward":  # darknet: the backward pass stops at layer 1, so 0..1 never learn
+        text = CFG.format(bn=1).split("[convolutional]")
+        text[2] = text[2].replace("activation=leaky", "activation=leaky\nstopbackward=1")
+        cfg = tmp_path / "stop.cfg"
+        cfg.write_text("[convolutional]".join(text))
+    trainer = Trainer(options(data, tmp_path / how, cfg=cfg, max_batches=3,
+                              freeze=2 if how == "option" else None))
+    before = layer_weights(trainer.model)
+    trainer.train()
+    after = layer_weights(trainer.model)
+    assert trainer.frozen == 2
+    assert all(torch.equal(b, a) for b, a in zip(before[:2], after[:2]))
+    assert all(not torch.equal(b, a) for b, a in zip(before[2:], after[2:]))
+    assert load_checkpoint(tmp_path / how / "last.pt")["frozen_layers"] == 2
+
+
+def test_resume_keeps_the_frozen_layers_and_refuses_another_count(data, tmp_path):
+    Trainer(options(data, tmp_path / "run", max_batches=2, freeze=1)).train()
+    resumed = Trainer(options(data, tmp_path / "run", max_batches=3, resume=True))
+    assert resumed.frozen == 1
+    with pytest.raises(DetkitError, match="--freeze 2 differs"):
+        Trainer(options(data, tmp_path / "run", max_batches=3, resume=True, freeze=2))
+    with pytest.raises(DetkitError, match="at least the last must train"):
+        Trainer(options(data, tmp_path / "other", max_batches=3, freeze=5))

@@ -19,6 +19,7 @@ class DarknetAugment:
     saturation: float = 1.5
     exposure: float = 1.5
     flip: bool = True
+    rot90: bool = False      # detkit extension: a random multiple of 90 degrees (overhead photos)
     min_size: float = 0.001  # darknet drops boxes narrower or shorter than this (normalised)
 
 
@@ -94,6 +95,19 @@ def distort_hsv(image: np.ndarray, hue: float, saturation: float, exposure: floa
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR_FULL)
 
 
+def rotate90(image: np.ndarray, boxes: np.ndarray, turns: int) -> tuple[np.ndarray, np.ndarray]:
+    """`turns` quarter turns clockwise of the image and its normalised (cx, cy, w, h) boxes.
+
+    Seen from above, a tree or a car has no "up": with the horizontal flip this gives all eight
+    symmetries of the square, which darknet's augmentation (flip only) cannot show the model.
+    """
+    for _ in range(turns % 4):
+        image = cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+        if len(boxes):  # the pixel (x, y) of an H-high image goes to (H - y, x)
+            boxes = np.stack([1 - boxes[:, 1], boxes[:, 0], boxes[:, 3], boxes[:, 2]], 1).astype(np.float32)
+    return image, boxes
+
+
 def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, net_w: int, net_h: int,
             settings: DarknetAugment | None, rng: np.random.Generator | None):
     """One training (settings and rng given) or evaluation (None) sample.
@@ -102,6 +116,8 @@ def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, net_w: in
     classes (K,).
     """
     train = settings is not None and rng is not None
+    if train and settings.rot90:
+        image, boxes = rotate90(image, boxes, int(rng.integers(0, 4)))
     canvas, placement = place(image, net_w, net_h, settings.jitter if train else 0.0, rng if train else None)
     flip = bool(train and settings.flip and rng.random() < 0.5)
     if flip:

@@ -46,6 +46,7 @@ class TrainOptions:
     out: Path = Path("runs/train/exp")
     weights: Path | None = None
     cutoff: int | None = None
+    freeze: int | None = None           # layers 0..N-1 not trained (None: the cfg's stopbackward)
     resume: bool = False
     device: str = "cpu"
     max_batches: int | None = None      # overrides [net]
@@ -109,6 +110,8 @@ class Trainer:
             self._load_pretrained(options.weights, options.cutoff)
         if options.sync_bn:
             self._sync_batchnorm()
+        saved = load_checkpoint(options.out / "last.pt", map_location="cpu") if options.resume else None
+        self.frozen = self._freeze(saved)
         self.model.to(self.device)
         self.hyper = self._hyper()
         self.schedule = Schedule.from_net(self.model.net)
@@ -119,8 +122,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and self.device.type == "cuda")
         self.iteration, self.best_map, self.history = 0, -1.0, []
         options.out.mkdir(parents=True, exist_ok=True)
-        if options.resume:
-            self._resume(options.out / "last.pt")
+        if saved is not None:
+            self._resume(saved, options.out / "last.pt")
         self.train_model = self._wrap_ddp(self.model)
         self._batch_mean_loss = all(getattr(h, "loss_is_batch_mean", False) for h in self.model.heads)
 
@@ -155,6 +158,34 @@ class Trainer:
         count = convert_sync_batchnorm(self.model)
         log.info("SyncBatchNorm: %d batch-norm layers synchronised over %d processes", count, self.world)
 
+    def _freeze(self, saved: dict | None) -> int:
+        """Layers 0..N-1 get no gradient: `--freeze N`, else darknet's `stopbackward=1` (the
+        backward pass stops at that layer), else what the resumed run froze.
+
+        Fine-tuning a pretrained backbone on a few images, its early layers hold general features
+        that a small data set can only overfit; they are also the costliest to back-propagate
+        (the largest maps), so freezing them makes each iteration faster.
+        """
+        frozen = self.options.freeze
+        if frozen is None and saved is not None:
+            frozen = saved.get("frozen_layers")
+        if frozen is None:
+            stops = [section.index for section in self.model.sections
+                     if section.index >= 0 and section.get_int("stopbackward", 0)]
+            frozen = max(stops) + 1 if stops else 0
+        if not 0 <= frozen < len(self.model.layers):
+            raise DetkitError(f"--freeze {frozen}: the network has {len(self.model.layers)} layers "
+                              f"(0..{len(self.model.layers) - 1}); at least the last must train")
+        if saved is not None and int(saved.get("frozen_layers", 0)) != frozen:
+            raise DetkitError(f"--freeze {frozen} differs from the resumed run's "
+                              f"{saved.get('frozen_layers', 0)}: resume with the same value")
+        for layer in self.model.layers[:frozen]:
+            for param in layer.parameters():
+                param.requires_grad_(False)
+        if frozen:
+            log.info("layers 0..%d frozen (not trained)", frozen - 1)
+        return frozen
+
     def _hyper(self) -> dict:
         net = self.model.net
         hyper = {
@@ -163,6 +194,7 @@ class Trainer:
             "jitter": getattr(self.model.heads[-1], "jitter", 0.2), "hue": net.get_float("hue", 0.0),
             "saturation": net.get_float("saturation", 1.0), "exposure": net.get_float("exposure", 1.0),
             "random": bool(getattr(self.model.heads[-1], "random", 0)),
+            "flip": bool(net.get_int("flip", 1)), "rot90": bool(net.get_int("rot90", 0)),
         }
         return hyper
 
@@ -195,14 +227,14 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "iteration": self.iteration,
                 "seen": self.model.seen, "best_map": self.best_map,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "torch_rng": torch.get_rng_state(), "cfg": str(self.options.cfg)}
+                "torch_rng": torch.get_rng_state(), "cfg": str(self.options.cfg),
+                "frozen_layers": self.frozen}
 
     def save(self, name: str = "last.pt") -> None:
         if self.rank == 0:
             save_checkpoint(self.options.out / name, self._state())
 
-    def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+    def _resume(self, state: dict, path: Path) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -222,7 +254,8 @@ class Trainer:
         if has_ssd_head(self.model):
             return SSDAugment()
         return DarknetAugment(jitter=self.hyper["jitter"], hue=self.hyper["hue"],
-                              saturation=self.hyper["saturation"], exposure=self.hyper["exposure"])
+                              saturation=self.hyper["saturation"], exposure=self.hyper["exposure"],
+                              flip=self.hyper["flip"], rot90=self.hyper["rot90"])
 
     def _loader(self):
         dataset = DetectionDataset(self.options.train, self.model.input_size, self._augment_settings(),
