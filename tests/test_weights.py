@@ -194,7 +194,8 @@ def test_fresh_heads_start_at_prior_objectness():
     before = model.layers[22].conv.bias.clone()
     assert model.init_head_biases({15}) == [15]
     bias = model.layers[15].conv.bias.view(3, 6)
-    assert torch.allclose(torch.sigmoid(bias[:, 4]), torch.full((3,), 8 / (13 * 13)), rtol=1e-5)
+    cells = (model.input_size[0] // 32) * (model.input_size[1] // 32)  # the stride-32 head's grid
+    assert torch.allclose(torch.sigmoid(bias[:, 4]), torch.full((3,), 8 / cells), rtol=1e-5)
     assert torch.equal(model.layers[22].conv.bias, before)  # loaded layers are left alone
     region = model_from_cfg(detkit_cfg("yolov2-tiny-voc"))
     last = len(region.layers) - 2
