@@ -359,8 +359,8 @@ def test_frozen_layers_keep_their_weights_and_the_rest_trains(data, tmp_path, ho
     trainer.train()
     after = layer_weights(trainer.model)
     assert trainer.frozen == 2
-    assert all(torch.equal(b, a) for b, a in zip(before[:2], after[:2]))
-    assert all(not torch.equal(b, a) for b, a in zip(before[2:], after[2:]))
+    assert all(torch.equal(b, a) for b, a in zip(before[:2], after[:2], strict=True))
+    assert all(not torch.equal(b, a) for b, a in zip(before[2:], after[2:], strict=True))
     assert load_checkpoint(tmp_path / how / "last.pt")["frozen_layers"] == 2
 
 
