@@ -159,32 +159,38 @@ class Trainer:
         log.info("SyncBatchNorm: %d batch-norm layers synchronised over %d processes", count, self.world)
 
     def _freeze(self, saved: dict | None) -> int:
-        """Layers 0..N-1 get no gradient: `--freeze N`, else darknet's `stopbackward=1` (the
-        backward pass stops at that layer), else what the resumed run froze.
+        """Layers 0..N-1 get no gradient; returns N (see `_frozen_count`).
 
         Fine-tuning a pretrained backbone on a few images, its early layers hold general features
         that a small data set can only overfit; they are also the costliest to back-propagate
         (the largest maps), so freezing them makes each iteration faster.
         """
-        frozen = self.options.freeze
-        if frozen is None and saved is not None:
-            frozen = saved.get("frozen_layers")
-        if frozen is None:
-            stops = [section.index for section in self.model.sections
-                     if section.index >= 0 and section.get_int("stopbackward", 0)]
-            frozen = max(stops) + 1 if stops else 0
-        if not 0 <= frozen < len(self.model.layers):
-            raise DetkitError(f"--freeze {frozen}: the network has {len(self.model.layers)} layers "
-                              f"(0..{len(self.model.layers) - 1}); at least the last must train")
-        if saved is not None and int(saved.get("frozen_layers", 0)) != frozen:
-            raise DetkitError(f"--freeze {frozen} differs from the resumed run's "
-                              f"{saved.get('frozen_layers', 0)}: resume with the same value")
+        frozen = self._frozen_count(saved)
         for layer in self.model.layers[:frozen]:
             for param in layer.parameters():
                 param.requires_grad_(False)
         if frozen:
             log.info("layers 0..%d frozen (not trained)", frozen - 1)
         return frozen
+
+    def _frozen_count(self, saved: dict | None) -> int:
+        """A resumed run keeps its count (`--freeze` may only repeat it); else `--freeze N`, else
+        one past the last darknet `stopbackward=1` layer (the backward pass stops there)."""
+        requested = self.options.freeze
+        if saved is not None:
+            recorded = int(saved.get("frozen_layers", 0))
+            if requested is not None and requested != recorded:
+                raise DetkitError(f"--freeze {requested} differs from the resumed run's {recorded}: "
+                                  f"resume with the same value")
+            return recorded
+        if requested is None:
+            stops = [section.index for section in self.model.sections
+                     if section.index >= 0 and section.get_int("stopbackward", 0)]
+            requested = max(stops) + 1 if stops else 0
+        if not 0 <= requested < len(self.model.layers):
+            raise DetkitError(f"--freeze {requested}: the network has {len(self.model.layers)} layers "
+                              f"(0..{len(self.model.layers) - 1}); at least the last must train")
+        return requested
 
     def _hyper(self) -> dict:
         net = self.model.net
