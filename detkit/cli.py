@@ -13,7 +13,7 @@ import typer
 
 from .errors import DetkitError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Darknet-style object detection on PyTorch: detect, train, eval, benchmark.")
 
 

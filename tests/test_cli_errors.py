@@ -68,3 +68,11 @@ def test_unused_key_is_one_warning_line(tmp_path):
     run = detkit("benchmark", str(cfg), "--no-fps")
     assert run.returncode == 0
     assert run.stderr.strip() == f"warning: {cfg}:7: unused field 'sparkle = 1' in [convolutional]"
+
+
+def test_help_keeps_darknet_section_names():
+    """Help texts name cfg sections in brackets ([net]); they must not be read as rich markup
+    and vanish (an earlier help printed "iterations (overrides )")."""
+    run = detkit("train", "--help")
+    assert run.returncode == 0, run.stderr
+    assert "(overrides [net])" in " ".join(run.stdout.split())

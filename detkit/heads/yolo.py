@@ -7,7 +7,7 @@ import torch
 from ..cfg import Section
 from ..layers.base import BuildContext, Layer, Shape
 from .common import anchor_pairs, flatten_predictions, grid_offsets, init_objectness_bias
-from .yolo_loss import yolo_loss
+from .yolo_loss import IOU_LOSSES, yolo_loss
 
 
 class YoloHead(Layer):
@@ -34,6 +34,7 @@ class YoloHead(Layer):
         self.random = section.get_int("random", 0)
         self.max_boxes = section.get_int("max", 90)
         self.scale_x_y = section.get_float("scale_x_y", 1.0)
+        self._read_alexeyab_loss_keys(section)
         if section.has("map"):
             raise section.error("'map' (class remapping) is not supported", "map")
         if section.get_int("new_coords", 0):
@@ -45,6 +46,19 @@ class YoloHead(Layer):
                 f"{len(self.mask)}*({self.classes}+5) = {expected}", "classes")
         anchors = torch.tensor([self.all_anchors[m] for m in self.mask], dtype=torch.float32)
         self.register_buffer("anchors", anchors, persistent=False)
+
+    def _read_alexeyab_loss_keys(self, section: Section) -> None:
+        """AlexeyAB's loss keys (yolov4 cfgs). Their defaults keep pjreddie's loss exactly, so a
+        cfg without them trains as the reference darknet does (AlexeyAB's own iou_normalizer
+        default is 0.75; here it is 1 unless the cfg says otherwise)."""
+        self.iou_loss = section.get_str("iou_loss", "mse").strip().lower()
+        if self.iou_loss not in IOU_LOSSES:
+            raise section.error(f"iou_loss={self.iou_loss} is not one of {', '.join(IOU_LOSSES)}",
+                                "iou_loss")
+        self.iou_normalizer = section.get_float("iou_normalizer", 1.0)
+        self.obj_normalizer = section.get_float("obj_normalizer", 1.0)
+        self.cls_normalizer = section.get_float("cls_normalizer", 1.0)
+        self.iou_thresh = section.get_float("iou_thresh", 1.0)
 
     @property
     def num_anchors(self) -> int:

@@ -25,10 +25,15 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from ..errors import DataError
 
 Tensor = torch.Tensor
+
+# AlexeyAB's iou_loss values: "mse" is darknet's x, y, w, h regression, the others replace it by
+# 1 - (IoU, GIoU, DIoU or CIoU) of the decoded box with its truth.
+IOU_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
 
 
 class YoloLike(Protocol):
@@ -43,6 +48,11 @@ class YoloLike(Protocol):
     max_boxes: int
     scale_x_y: float
     anchors: Tensor
+    iou_loss: str
+    iou_normalizer: float
+    obj_normalizer: float
+    cls_normalizer: float
+    iou_thresh: float
 
     @property
     def num_anchors(self) -> int: ...
@@ -210,8 +220,15 @@ def yolo_loss(head: YoloLike, raw: Tensor, targets: Tensor | None,
     obj: BCE(obj, 1) at slots with a truth; noobj: BCE(obj, 0) at the other slots whose best IoU
     with a truth of the image is <= ignore_thresh; cls: per-class BCE at slots with a truth.
     With AlexeyAB's scale_x_y = s the x, y term is the one whose gradient is
-    (s*sigmoid - (s-1)/2) - target, as AlexeyAB backpropagates it (its iou_normalizer and other
-    keys are not implemented; the cfg layer warns about them as unused).
+    (s*sigmoid - (s-1)/2) - target, as AlexeyAB backpropagates it.
+
+    AlexeyAB's loss keys: iou_thresh < 1 also trains every other anchor of this layer whose shape
+    IoU with the truth exceeds it (multi-anchor assignment); iou_loss = iou/giou/diou/ciou replaces
+    xy and wh by one part "box" = sum of 1 - (G/D/C)IoU of the decoded box with its truth, in
+    input pixels, differentiated by autograd (AlexeyAB writes its own Jacobian, so gradients are
+    close to but not bit-equal with AlexeyAB's); iou_normalizer scales the box terms,
+    obj_normalizer obj and noobj, cls_normalizer cls. max_delta is not implemented (the cfg layer
+    warns about it as unused).
     """
     b, _, h, w = raw.shape
     a, c = head.num_anchors, head.classes
@@ -225,7 +242,7 @@ def yolo_loss(head: YoloLike, raw: Tensor, targets: Tensor | None,
         strong_branch = head.truth_thresh < 1.0
         best, best_t = best_truth_iou(pred, truths, with_index=strong_branch)
         best = best.reshape(-1)
-        assignment = _assign(head, truths, b, (h, w), net_hw)
+        truths, assignment, best_t = _assign_rows(head, truths, b, (h, w), net_hw, best_t)
         winner = last_truth_per_slot(assignment.slot, slots)
         trained = winner >= 0
         source = torch.where(trained, winner, torch.full_like(winner, truths.sentinel))
@@ -241,13 +258,59 @@ def yolo_loss(head: YoloLike, raw: Tensor, targets: Tensor | None,
         txy, twh, scale = box_targets(truths.box[source], anchors, (b, a, h, w), (net_w, net_h))
         scale = scale * trained
     zobj = z5[:, :, 4].reshape(-1)
+    if head.iou_loss == "mse":
+        box_parts = {
+            "xy": (scale[:, None] * _xy_term(channels(z5, 0, 2), txy, head.scale_x_y)).sum(),
+            "wh": (0.5 * scale[:, None] * (twh - channels(z5, 2, 4)) ** 2).sum(),
+        }
+    else:
+        box_parts = {"box": _iou_term(z5, anchors, head, truths.box[source], trained, net_hw)}
     return {
-        "xy": (scale[:, None] * _xy_term(channels(z5, 0, 2), txy, head.scale_x_y)).sum(),
-        "wh": (0.5 * scale[:, None] * (twh - channels(z5, 2, 4)) ** 2).sum(),
-        "obj": (F.softplus(-zobj) * trained).sum(),
-        "noobj": (F.softplus(zobj) * noobj_mask).sum(),
-        "cls": _class_loss(z5, truths, assignment, winner, strong, best_t),
+        **{name: head.iou_normalizer * value for name, value in box_parts.items()},
+        "obj": head.obj_normalizer * (F.softplus(-zobj) * trained).sum(),
+        "noobj": head.obj_normalizer * (F.softplus(zobj) * noobj_mask).sum(),
+        "cls": head.cls_normalizer * _class_loss(z5, truths, assignment, winner, strong, best_t),
     }
+
+
+def _iou_term(z5: Tensor, anchors: Tensor, head: YoloLike, truth_box: Tensor, trained: Tensor,
+              net_hw: tuple[int, int]) -> Tensor:
+    """Sum over trained slots of 1 - (G/D/C)IoU between the decoded box and its truth.
+
+    Computed densely (no data-dependent shapes); untrained slots see zero logits so their boxes
+    stay finite and no NaN can leak into the gradient through torch.where.
+    """
+    b, a, _, h, w = z5.shape
+    mask = trained.view(b, a, 1, h, w)
+    safe = torch.where(mask, z5[:, :, 0:4], torch.zeros_like(z5[:, :, 0:4]))
+    pred = _decode(safe, anchors, head.scale_x_y, net_hw[1], net_hw[0]).reshape(-1, 4)
+    size = pred.new_tensor([net_hw[1], net_hw[0], net_hw[1], net_hw[0]])
+    loss = box_iou_loss(pred * size, truth_box * size, head.iou_loss)
+    return torch.where(trained, loss, torch.zeros_like(loss)).sum()
+
+
+def box_iou_loss(pred: Tensor, truth: Tensor, kind: str) -> Tensor:
+    """Per row 1 - IoU (or GIoU, DIoU, CIoU, torchvision's definitions) of (N, 4) cx, cy, w, h
+    boxes; pixels, not normalised units, so that DIoU's distance and CIoU's aspect term are not
+    distorted by a non-square network."""
+    pred_xyxy, truth_xyxy = _xyxy(pred), _xyxy(truth)
+    if kind == "giou":
+        return generalized_box_iou_loss(pred_xyxy, truth_xyxy, reduction="none")
+    if kind == "diou":
+        return distance_box_iou_loss(pred_xyxy, truth_xyxy, reduction="none")
+    if kind == "ciou":
+        return complete_box_iou_loss(pred_xyxy, truth_xyxy, reduction="none")
+    if kind == "iou":
+        lt = torch.maximum(pred_xyxy[:, :2], truth_xyxy[:, :2])
+        rb = torch.minimum(pred_xyxy[:, 2:], truth_xyxy[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(1)
+        union = pred[:, 2] * pred[:, 3] + truth[:, 2] * truth[:, 3] - inter
+        return 1 - inter / (union + 1e-7)
+    raise ValueError(f"iou_loss {kind!r} is not one of {', '.join(IOU_LOSSES[1:])}")
+
+
+def _xyxy(box: Tensor) -> Tensor:
+    return torch.cat([box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2], 1)
 
 
 def channels(z5: Tensor, lo: int, hi: int) -> Tensor:
@@ -360,28 +423,78 @@ def yolo_assign(head: YoloLike, targets: Tensor | None, batch: int, grid_hw: tup
     device = head.anchors.device
     truths = prepare_truths(targets, batch, head.classes, head.max_boxes, device,
                             f"[yolo] layer {head.index}")
-    return _assign(head, truths, batch, grid_hw, net_hw).without_sentinel()
+    return _assign_rows(head, truths, batch, grid_hw, net_hw, None)[1].without_sentinel()
+
+
+def _assign_rows(head: YoloLike, truths: Truths, b: int, grid_hw: tuple[int, int],
+                 net_hw: tuple[int, int], best_t: Tensor | None
+                 ) -> tuple[Truths, Assignment, Tensor | None]:
+    """The truth rows this layer trains and their Assignment; `best_t` re-indexed to those rows.
+
+    Without iou_thresh the rows are the truths themselves. With it (AlexeyAB) each truth becomes
+    one row per mask position, in truth-major order so darknet's "later truth wins" still holds:
+    the row trains when its anchor is the truth's best anchor over all `num`, or when the shape
+    IoU with its anchor exceeds iou_thresh. `valid` is kept from the truth, as the rows still
+    count for the ignore rule through their truth.
+    """
+    if head.iou_thresh >= 1.0:
+        return truths, _assign(head, truths, b, grid_hw, net_hw), best_t
+    rows = _rows_per_position(truths, head.num_anchors)
+    assignment = _assign(head, rows, b, grid_hw, net_hw, multi_anchor=True)
+    if best_t is not None:
+        a = head.num_anchors
+        best_t = torch.where(best_t == truths.sentinel, torch.full_like(best_t, rows.sentinel),
+                             best_t * a)
+    return rows, assignment, best_t
+
+
+def _rows_per_position(truths: Truths, a: int) -> Truths:
+    """Each real truth repeated `a` times (row t*a + p for mask position p), sentinel last."""
+    real = slice(0, truths.sentinel)
+    return Truths(*(torch.cat([field[real].repeat_interleave(a, 0), field[-1:]])
+                    for field in (truths.image, truths.cls, truths.box, truths.valid)))
 
 
 def _assign(head: YoloLike, truths: Truths, b: int, grid_hw: tuple[int, int],
-            net_hw: tuple[int, int]) -> Assignment:
+            net_hw: tuple[int, int], multi_anchor: bool = False) -> Assignment:
     """Darknet's truth loop: best anchor over *all* `num` anchors by shape IoU; the truth trains
-    this layer only if that anchor is in its mask (int_index: the first position in the mask)."""
+    this layer only if that anchor is in its mask (int_index: the first position in the mask).
+
+    multi_anchor: `truths` holds one row per (truth, mask position) (see _assign_rows); a row
+    trains its own position when that anchor is the best one or passes iou_thresh.
+    """
     device = truths.box.device
     h, w = grid_hw
     a = head.num_anchors
     all_wh = torch.tensor(head.all_anchors, dtype=torch.float32, device=device)
     all_wh = all_wh / torch.tensor([float(net_hw[1]), float(net_hw[0])], device=device)
-    best_n = shape_iou(truths.box[:, 2:4], all_wh[None]).argmax(1)
+    shape = shape_iou(truths.box[:, 2:4], all_wh[None])
+    best_n = shape.argmax(1)
     lut = [-1] * len(head.all_anchors)
     for position, anchor in reversed(list(enumerate(head.mask))):
         lut[anchor] = position
-    position = torch.tensor(lut, dtype=torch.long, device=device)[best_n]
+    if multi_anchor:
+        position = _multi_anchor_positions(head, shape, best_n, lut)
+    else:
+        position = torch.tensor(lut, dtype=torch.long, device=device)[best_n]
     position = torch.where(truths.valid, position, torch.full_like(position, -1))
     row, col = truth_cells(truths, h, w)
     slot = ((truths.image * a + position.clamp(min=0)) * h + row) * w + col
     slot = torch.where(position >= 0, slot, torch.full_like(slot, b * a * h * w))
     return Assignment(best_n, position, row, col, slot)
+
+
+def _multi_anchor_positions(head: YoloLike, shape: Tensor, best_n: Tensor, lut: list[int]) -> Tensor:
+    """Row t*A + p's position: p when mask[p] is the truth's best anchor or its shape IoU
+    exceeds iou_thresh, else -1. A repeated mask anchor trains only at its first position, as
+    AlexeyAB's int_index finds it."""
+    a = head.num_anchors
+    device = shape.device
+    p = torch.arange(shape.shape[0], device=device) % a
+    anchor = torch.tensor(head.mask, dtype=torch.long, device=device)[p]
+    first = torch.tensor(lut, dtype=torch.long, device=device)[anchor] == p
+    chosen = (best_n == anchor) | (shape.gather(1, anchor[:, None])[:, 0] > head.iou_thresh)
+    return torch.where(chosen & first, p, torch.full_like(p, -1))
 
 
 def _xy_term(z: Tensor, target: Tensor, scale_x_y: float) -> Tensor:
