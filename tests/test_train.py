@@ -297,6 +297,26 @@ def test_evaluation_writes_metrics_with_loss_parts_and_plots(data, tmp_path):
         assert image is not None and image.std() > 0, name
 
 
+def test_metrics_minutes_continue_after_resume(data, tmp_path):
+    """The time column counts the whole training: a resumed run starts from the minutes its
+    last.pt recorded (here a pretend 7 minutes), not from 0."""
+    import csv
+
+    from detkit.engine.checkpoint import save_checkpoint
+
+    out = tmp_path / "minutes"
+    Trainer(options(data, out, max_batches=2, eval_interval=2)).train()
+    state = load_checkpoint(out / "last.pt")
+    assert 0 < state["minutes"] < 7
+    state["minutes"] = 7.0
+    save_checkpoint(out / "last.pt", state)
+    Trainer(options(data, out, max_batches=4, eval_interval=2, resume=True)).train()
+    with (out / "metrics.csv").open() as handle:
+        minutes = [float(r["minutes"]) for r in csv.DictReader(handle)]
+    assert len(minutes) == 2 and minutes[0] < 7 < minutes[1] < 8
+    assert load_checkpoint(out / "last.pt")["minutes"] > 7
+
+
 def test_sync_batchnorm_conversion_keeps_parameters_and_darknet_inference(data):
     from detkit.layers.conv import DarknetSyncBatchNorm, convert_sync_batchnorm
     from detkit.model import model_from_cfg

@@ -234,7 +234,15 @@ class Trainer:
                 "seen": self.model.seen, "best_map": self.best_map,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "torch_rng": torch.get_rng_state(), "cfg": str(self.options.cfg),
-                "frozen_layers": self.frozen}
+                "frozen_layers": self.frozen, "minutes": self._minutes()}
+
+    def _minutes(self) -> float:
+        """Training wall-clock minutes, earlier runs of a resumed training included, so that
+        metrics.csv's time axis continues instead of restarting at 0 after --resume."""
+        before = getattr(self, "_minutes_before", 0.0)
+        if not hasattr(self, "_started"):
+            return before
+        return before + (time.perf_counter() - self._started) / 60
 
     def save(self, name: str = "last.pt") -> None:
         if self.rank == 0:
@@ -248,6 +256,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.iteration, self.model.seen = int(state["iteration"]), int(state["seen"])
         self.best_map = float(state["best_map"])
+        self._minutes_before = float(state.get("minutes", 0.0))
         torch.set_rng_state(state["torch_rng"].cpu())
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
@@ -287,7 +296,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        self._started = time.perf_counter()  # wall clock of this process, for metrics.csv
+        self._started = time.perf_counter()  # wall clock of this process (see _minutes)
         loader = iter(self._loader())
         nan_steps = 0
         stop = {"now": False}
@@ -415,7 +424,7 @@ class Trainer:
         row = {"iteration": self.iteration, "seen": self.model.seen, "map50": mean_ap,
                "lr": window[-1].get("lr", float("nan"))}
         if hasattr(self, "_started"):
-            row["minutes"] = round((time.perf_counter() - self._started) / 60, 3)
+            row["minutes"] = round(self._minutes(), 3)
         for key in window[-1]:
             if key not in row and key != "iteration":
                 row[key] = float(np.mean([entry.get(key, np.nan) for entry in window]))
