@@ -225,8 +225,9 @@ def yolo_loss(head: YoloLike, raw: Tensor, targets: Tensor | None,
     AlexeyAB's loss keys: iou_thresh < 1 also trains every other anchor of this layer whose shape
     IoU with the truth exceeds it (multi-anchor assignment); iou_loss = iou/giou/diou/ciou replaces
     xy and wh by one part "box" = sum of 1 - (G/D/C)IoU of the decoded box with its truth, in
-    input pixels, differentiated by autograd (AlexeyAB writes its own Jacobian, so gradients are
-    close to but not bit-equal with AlexeyAB's); iou_normalizer scales the box terms,
+    input pixels, differentiated by autograd (AlexeyAB applies its hand-written IoU gradient to the
+    logits without the sigmoid, grid and anchor factors, so its box gradient is larger for the
+    same iou_normalizer; see the README); iou_normalizer scales the box terms,
     obj_normalizer obj and noobj, cls_normalizer cls. max_delta is not implemented (the cfg layer
     warns about it as unused).
     """
@@ -434,8 +435,8 @@ def _assign_rows(head: YoloLike, truths: Truths, b: int, grid_hw: tuple[int, int
     Without iou_thresh the rows are the truths themselves. With it (AlexeyAB) each truth becomes
     one row per mask position, in truth-major order so darknet's "later truth wins" still holds:
     the row trains when its anchor is the truth's best anchor over all `num`, or when the shape
-    IoU with its anchor exceeds iou_thresh. `valid` is kept from the truth, as the rows still
-    count for the ignore rule through their truth.
+    IoU with its anchor exceeds iou_thresh. A row that does not train keeps its truth's `valid`
+    and gets position -1; the ignore rule was computed on the truths before the expansion.
     """
     if head.iou_thresh >= 1.0:
         return truths, _assign(head, truths, b, grid_hw, net_hw), best_t
