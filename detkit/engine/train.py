@@ -121,6 +121,7 @@ class Trainer:
                                          lr=self.schedule.learning_rate, momentum=self.hyper["momentum"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and self.device.type == "cuda")
         self.iteration, self.best_map, self.history = 0, -1.0, []
+        self._minutes_before = 0.0  # training minutes of the runs this one resumes
         options.out.mkdir(parents=True, exist_ok=True)
         if saved is not None:
             self._resume(saved, options.out / "last.pt")
@@ -239,10 +240,9 @@ class Trainer:
     def _minutes(self) -> float:
         """Training wall-clock minutes, earlier runs of a resumed training included, so that
         metrics.csv's time axis continues instead of restarting at 0 after --resume."""
-        before = getattr(self, "_minutes_before", 0.0)
         if not hasattr(self, "_started"):
-            return before
-        return before + (time.perf_counter() - self._started) / 60
+            return self._minutes_before
+        return self._minutes_before + (time.perf_counter() - self._started) / 60
 
     def save(self, name: str = "last.pt") -> None:
         if self.rank == 0:

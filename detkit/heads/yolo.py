@@ -51,7 +51,7 @@ class YoloHead(Layer):
         """AlexeyAB's loss keys (yolov4 cfgs). Their defaults keep pjreddie's loss exactly, so a
         cfg without them trains as the reference darknet does (AlexeyAB's own iou_normalizer
         default is 0.75; here it is 1 unless the cfg says otherwise)."""
-        self.iou_loss = section.get_str("iou_loss", "mse").strip().lower()
+        self.iou_loss = section.get_str("iou_loss", "mse").lower()
         if self.iou_loss not in IOU_LOSSES:
             raise section.error(f"iou_loss={self.iou_loss} is not one of {', '.join(IOU_LOSSES)}",
                                 "iou_loss")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
+from ..boxes import cxcywh_to_xyxy
 from ..errors import DataError
 
 Tensor = torch.Tensor
@@ -294,7 +295,7 @@ def box_iou_loss(pred: Tensor, truth: Tensor, kind: str) -> Tensor:
     """Per row 1 - IoU (or GIoU, DIoU, CIoU, torchvision's definitions) of (N, 4) cx, cy, w, h
     boxes; pixels, not normalised units, so that DIoU's distance and CIoU's aspect term are not
     distorted by a non-square network."""
-    pred_xyxy, truth_xyxy = _xyxy(pred), _xyxy(truth)
+    pred_xyxy, truth_xyxy = cxcywh_to_xyxy(pred), cxcywh_to_xyxy(truth)
     if kind == "giou":
         return generalized_box_iou_loss(pred_xyxy, truth_xyxy, reduction="none")
     if kind == "diou":
@@ -302,16 +303,8 @@ def box_iou_loss(pred: Tensor, truth: Tensor, kind: str) -> Tensor:
     if kind == "ciou":
         return complete_box_iou_loss(pred_xyxy, truth_xyxy, reduction="none")
     if kind == "iou":
-        lt = torch.maximum(pred_xyxy[:, :2], truth_xyxy[:, :2])
-        rb = torch.minimum(pred_xyxy[:, 2:], truth_xyxy[:, 2:])
-        inter = (rb - lt).clamp(min=0).prod(1)
-        union = pred[:, 2] * pred[:, 3] + truth[:, 2] * truth[:, 3] - inter
-        return 1 - inter / (union + 1e-7)
+        return 1 - darknet_iou(pred, truth)
     raise ValueError(f"iou_loss {kind!r} is not one of {', '.join(IOU_LOSSES[1:])}")
-
-
-def _xyxy(box: Tensor) -> Tensor:
-    return torch.cat([box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2], 1)
 
 
 def channels(z5: Tensor, lo: int, hi: int) -> Tensor:
