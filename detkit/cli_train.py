@@ -54,23 +54,36 @@ def check_gpu_count(gpus: int, device: Optional[str]) -> None:
             raise DetkitError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
-def launch_processes(count: int, argv: Optional[list[str]] = None) -> int:
+def launch_processes(count: int, args: list[str]) -> int:
     """`detkit train --gpus N ...` = `torchrun --standalone --nproc_per_node N -m detkit train ...`:
     the same command in N processes (this one waits); each takes GPU LOCAL_RANK."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    for i, arg in enumerate(args):
-        if arg == "--gpus":
-            del args[i:i + 2]
-            break
-        if arg.startswith("--gpus="):
-            del args[i]
-            break
-    if not any(arg.split("=")[0] in ("--out", "--resume") for arg in args):
+    args = list(args)
+    if not any(arg in ("--out", "--resume") for arg in args):
         args += ["--out", str(next_run_dir(Path("runs/train")))]  # one folder, not one per process
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={count}", "-m", "detkit", *args]
     log.info("launching %d processes: %s", count, " ".join(command))
     return subprocess.call(command)
+
+
+def command_arguments(ctx: typer.Context, leave_out: tuple[str, ...] = ("gpus",)) -> list[str]:
+    """The sub-command and its parsed options as arguments again (without `leave_out`), for the
+    per-process children: rebuilt from what click parsed, so it does not matter whether this
+    command came from a shell (sys.argv) or from Python (app([...]))."""
+    args = [ctx.info_name or "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in leave_out or value is None or not param.opts:
+            continue
+        option = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            if value:
+                args.append(option)
+            elif getattr(param, "secondary_opts", None):
+                args.append(max(param.secondary_opts, key=len))
+            continue
+        args += [option, str(value)]
+    return args
 
 
 def next_run_dir(root: Path) -> Path:
@@ -80,6 +93,7 @@ def next_run_dir(root: Path) -> Path:
 
 
 def train(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="darknet .data, image list, VOC folder or COCO json"),
     cfg: Path = typer.Option(..., "--cfg", help="network .cfg (its [net] gives the schedule)"),
     weights: Optional[Path] = typer.Option(None, help="pretrained darknet .weights or detkit .pt"),
@@ -94,12 +108,16 @@ def train(
     batch: Optional[int] = typer.Option(None, help="images per iteration (overrides [net])"),
     subdivisions: Optional[int] = typer.Option(None, help="gradient accumulation steps"),
     lr: Optional[float] = typer.Option(None, help="learning rate (overrides [net])"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd, adam or adamw (default: adam when [net] "
+                                            "adam=1, else sgd with [net] momentum)"),
     burn_in: Optional[int] = typer.Option(None, help="warm-up iterations (overrides [net])"),
     eval_interval: int = typer.Option(100, help="iterations between evaluations (0: at the end)"),
     checkpoint_interval: int = typer.Option(50, help="iterations between last.pt checkpoints"),
     workers: int = typer.Option(2, help="DataLoader worker processes"),
     amp: str = typer.Option("none", help="none, fp16 or bf16 (CUDA only)"),
     ema: float = typer.Option(0.0, help="EMA decay of the weights (0: off; 0.9999 typical)"),
+    ema_warmup: float = typer.Option(2000.0, help="EMA warm-up: the decay ramps as 1 - exp(-iteration / "
+                                     "this), ultralytics' 2000; shorter for short runs"),
     seed: int = typer.Option(0, help="random seed (data order and augmentation)"),
     no_augment: bool = typer.Option(False, "--no-augment", help="no jitter/HSV/flip"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
@@ -112,7 +130,7 @@ def train(
 
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         check_gpu_count(gpus, device)
-        raise typer.Exit(launch_processes(gpus))
+        raise typer.Exit(launch_processes(gpus, command_arguments(ctx)))
 
     train_items, names = load_split(data, "train", strict=strict)
     if val is not None:
@@ -125,8 +143,8 @@ def train(
     options = TrainOptions(
         cfg=cfg, train=train_items, val=val_items, out=run_dir, weights=weights, cutoff=cutoff, freeze=freeze,
         resume=resume is not None, device=pick_device(device), max_batches=max_batches, batch=batch,
-        subdivisions=subdivisions, learning_rate=lr, burn_in=burn_in, eval_interval=eval_interval,
-        checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema,
+        subdivisions=subdivisions, learning_rate=lr, optimizer=optimizer, burn_in=burn_in, eval_interval=eval_interval,
+        checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema, ema_warmup=ema_warmup,
         augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []), sync_bn=sync_bn)
     result = Trainer(options).train()
     typer.echo(f"done: {result.iterations} iterations; mAP@0.5 last {result.last_map:.4f}, "

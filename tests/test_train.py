@@ -392,3 +392,74 @@ def test_resume_keeps_the_frozen_layers_and_refuses_another_count(data, tmp_path
         Trainer(options(data, tmp_path / "run", max_batches=3, resume=True, freeze=2))
     with pytest.raises(DetkitError, match="at least the last must train"):
         Trainer(options(data, tmp_path / "other", max_batches=3, freeze=5))
+
+
+def test_net_adam_uses_darknet_betas_and_eps_and_the_option_overrides_it(data, tmp_path):
+    root, _, _ = data
+    cfg = root / "adam.cfg"
+    cfg.write_text(CFG.format(bn=1).replace("[net]\n", "[net]\nadam=1\nB1=0.8\nB2=0.99\neps=0.000001\n"))
+    adam = Trainer(options(data, tmp_path / "a", cfg=cfg)).optimizer
+    assert type(adam) is torch.optim.Adam
+    assert adam.defaults["betas"] == (0.8, 0.99) and adam.defaults["eps"] == pytest.approx(1e-6)
+    # darknet decays conv weights only; biases and BN parameters are not decayed
+    assert [group["weight_decay"] for group in adam.param_groups] == [0.0005, 0.0]
+    assert type(Trainer(options(data, tmp_path / "b", cfg=cfg, optimizer="adamw")).optimizer) is torch.optim.AdamW
+    assert type(Trainer(options(data, tmp_path / "c", cfg=cfg, optimizer="sgd")).optimizer) is torch.optim.SGD
+    assert type(Trainer(options(data, tmp_path / "d")).optimizer) is torch.optim.SGD
+    with pytest.raises(DetkitError, match="optimizer 'rmsprop' is not one of sgd, adam, adamw"):
+        Trainer(options(data, tmp_path / "e", optimizer="rmsprop"))
+
+
+def test_adam_run_resumes_as_if_uninterrupted(data, tmp_path):
+    torch.set_num_threads(1)
+    whole = Trainer(options(data, tmp_path / "whole", max_batches=6, optimizer="adam")).train()
+    Trainer(options(data, tmp_path / "split", max_batches=3, optimizer="adam")).train()
+    rest = Trainer(options(data, tmp_path / "split", max_batches=6, optimizer="adam", resume=True)).train()
+    assert trajectory(rest) == trajectory(whole)[3:]
+    state = load_checkpoint(tmp_path / "split" / "last.pt")["optimizer"]["state"]
+    assert all("exp_avg_sq" in slot for slot in state.values())
+
+
+def test_gpus_children_get_the_parsed_options_not_sys_argv(monkeypatch):
+    """Called from Python (not the `detkit` command) sys.argv is someone else's: the children's
+    arguments are rebuilt from the parsed options, without --gpus."""
+    from typer.testing import CliRunner
+
+    from detkit import cli, cli_train
+
+    launched = {}
+    monkeypatch.setattr(cli_train, "launch_processes",
+                        lambda count, args: launched.update(count=count, args=args) or 0)
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q", "tests"])
+    result = CliRunner().invoke(cli.app, ["train", "--data", "d.data", "--cfg", "x.cfg", "--gpus", "2",
+                                          "--device", "cpu", "--lr", "0.01", "--quiet", "--optimizer", "adam"])
+    assert result.exit_code == 0, result.output
+    args = launched["args"]
+    assert launched["count"] == 2 and args[0] == "train" and "--gpus" not in args and "-q" not in args
+    options = {arg: (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else True)
+               for i, arg in enumerate(args) if arg.startswith("--")}
+    assert (options["--data"], options["--cfg"], options["--lr"]) == ("d.data", "x.cfg", "0.01")
+    assert options["--device"] == "cpu" and options["--optimizer"] == "adam"
+    assert options["--quiet"] is True and "--no-augment" not in options and "--strict" not in options
+
+
+def test_ema_is_the_warmed_up_running_average_and_is_saved(data, tmp_path):
+    torch.set_num_threads(1)
+    trainer = Trainer(options(data, tmp_path / "ema", max_batches=4, ema=0.8, ema_warmup=2.0))
+    expected = {k: v.clone().float() for k, v in trainer.model.state_dict().items()}
+    update = trainer._update_ema
+
+    def record_then_update():
+        decay = 0.8 * (1 - np.exp(-trainer.iteration / 2.0))
+        for key, value in trainer.model.state_dict().items():
+            if value.dtype.is_floating_point:
+                expected[key] = decay * expected[key] + (1 - decay) * value.float()
+        update()
+
+    trainer._update_ema = record_then_update
+    trainer.train()
+    saved = load_checkpoint(tmp_path / "ema" / "last.pt")["ema"]
+    floats = [k for k, v in saved.items() if v.dtype.is_floating_point]
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-6) for k in floats)
+    raw = trainer.model.state_dict()
+    assert any(not torch.allclose(saved[k], raw[k]) for k in floats)  # the average lags the raw weights

@@ -53,12 +53,14 @@ class TrainOptions:
     batch: int | None = None
     subdivisions: int | None = None
     learning_rate: float | None = None
+    optimizer: str | None = None        # sgd | adam | adamw; None: adam when [net] adam=1, else sgd
     burn_in: int | None = None
     eval_interval: int = 100            # iterations between evaluations (0: only at the end)
     checkpoint_interval: int = 50
     workers: int = 2
     amp: str = "none"                   # none | fp16 | bf16 (CUDA)
     ema: float = 0.0                    # decay, 0 disables
+    ema_warmup: float = 2000.0          # iterations: the decay ramps as 1 - exp(-iteration / this)
     multiscale: bool | None = None      # None: the last head's random=1
     augment: bool = True
     seed: int = 0
@@ -74,6 +76,23 @@ class TrainResult:
     best_map: float
     last_map: float
     history: list[dict]
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(hyper: dict, groups: list[dict], learning_rate: float) -> torch.optim.Optimizer:
+    """SGD with momentum as darknet trains by default; Adam for [net] adam=1 (darknet's B1, B2,
+    eps; decay added to the gradient as darknet's adam_update does), or AdamW (decoupled decay),
+    which short fine-tunes converge faster with because its steps do not scale with the loss."""
+    kind = hyper["optimizer"]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=hyper["momentum"])
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=learning_rate, betas=hyper["betas"], eps=hyper["eps"])
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=hyper["betas"], eps=hyper["eps"])
+    raise DetkitError(f"optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 def distributed_context(device: torch.device) -> tuple[int, int]:
@@ -117,8 +136,8 @@ class Trainer:
         self.schedule = Schedule.from_net(self.model.net)
         self._apply_overrides()
         self.ema = copy.deepcopy(self.model).eval() if options.ema > 0 else None
-        self.optimizer = torch.optim.SGD(parameter_groups(self.model, self.hyper["decay"]),
-                                         lr=self.schedule.learning_rate, momentum=self.hyper["momentum"])
+        self.optimizer = make_optimizer(self.hyper, parameter_groups(self.model, self.hyper["decay"]),
+                                        self.schedule.learning_rate)
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and self.device.type == "cuda")
         self.iteration, self.best_map, self.history = 0, -1.0, []
         self._minutes_before = 0.0  # training minutes of the runs this one resumes
@@ -202,6 +221,8 @@ class Trainer:
             "saturation": net.get_float("saturation", 1.0), "exposure": net.get_float("exposure", 1.0),
             "random": bool(getattr(self.model.heads[-1], "random", 0)),
             "flip": bool(net.get_int("flip", 1)), "rot90": bool(net.get_int("rot90", 0)),
+            "optimizer": "adam" if net.get_int("adam", 0) else "sgd",
+            "betas": (net.get_float("B1", 0.9), net.get_float("B2", 0.999)), "eps": net.get_float("eps", 1e-7),
         }
         return hyper
 
@@ -216,6 +237,8 @@ class Trainer:
             self.schedule.learning_rate = o.learning_rate
         if o.burn_in is not None:
             self.schedule.burn_in = o.burn_in
+        if o.optimizer is not None:
+            self.hyper["optimizer"] = o.optimizer
         if self.hyper["batch"] % (self.hyper["subdivisions"] * self.world):
             raise DetkitError(f"batch={self.hyper['batch']} must divide by subdivisions="
                               f"{self.hyper['subdivisions']} x processes={self.world}")
@@ -380,7 +403,9 @@ class Trainer:
     def _update_ema(self) -> None:
         if self.ema is None:
             return
-        decay = self.options.ema * (1 - math.exp(-self.iteration / 2000))  # warm-up, as ultralytics
+        # ultralytics' warm-up (2000 updates) keeps the average near the raw weights for a run of a
+        # few hundred iterations; --ema-warmup shortens it for such runs
+        decay = self.options.ema * (1 - math.exp(-self.iteration / max(self.options.ema_warmup, 1e-9)))
         with torch.no_grad():
             for ema_t, t in zip(self.ema.state_dict().values(), self.model.state_dict().values(), strict=True):
                 if ema_t.dtype.is_floating_point:
