@@ -83,8 +83,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 def make_optimizer(hyper: dict, groups: list[dict], learning_rate: float) -> torch.optim.Optimizer:
     """SGD with momentum as darknet trains by default; Adam for [net] adam=1 (darknet's B1, B2,
-    eps; decay added to the gradient as darknet's adam_update does), or AdamW (decoupled decay),
-    which short fine-tunes converge faster with because its steps do not scale with the loss."""
+    eps; decay added to the gradient as darknet's adam_update does, but only where parameter_groups
+    puts it); AdamW (decoupled decay) for users who fine-tune that way elsewhere."""
     kind = hyper["optimizer"]
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=learning_rate, momentum=hyper["momentum"])
