@@ -12,13 +12,14 @@ from .errors import CfgError
 from .layers import BuildContext, Layer, Shape, builders
 
 # [net] keys darknet reads for training and augmentation; read here so they never warn.
+# AlexeyAB's cutmix and mixup are not implemented and left out: they warn as unused fields.
 NET_KEYS = {
     "batch", "subdivisions", "learning_rate", "momentum", "decay", "width", "height", "channels",
     "inputs", "policy", "burn_in", "power", "step", "scale", "steps", "scales", "gamma",
     "max_batches", "angle", "aspect", "saturation", "exposure", "hue", "adam", "B1", "B2", "eps",
     "max_crop", "min_crop", "time_steps", "notruth", "random", "center", "letter_box", "flip",
-    "mosaic", "cutmix", "mixup", "resize_step", "tree", "max_chart_loss", "mean", "std",
-    "channel_order", "input_scale", "rot90",
+    "mosaic", "resize_step", "tree", "max_chart_loss", "mean", "std",
+    "channel_order", "input_scale", "rot90", "random_scale",
 }
 
 

@@ -105,3 +105,13 @@ def test_darknet_cfgs_raise_no_unused_warnings():
             parse_and_build = model_from_text((DARKNET_CFG / f"{name}.cfg").read_text(), name)
             assert parse_and_build.layers
     assert not [w for w in caught if issubclass(w.category, CfgWarning)]
+
+
+def test_augmentation_keys_detkit_trains_with_are_read_and_the_others_warn():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model_from_text(NET + "mosaic=1\nrandom_scale=0.3\nrot90=1\nmixup=1\ncutmix=1\n"
+                        "[convolutional]\nfilters=4\n", "aug.cfg")
+    messages = [str(w.message) for w in caught if issubclass(w.category, CfgWarning)]
+    assert messages == ["aug.cfg:8: unused field 'mixup = 1' in [net]",
+                        "aug.cfg:9: unused field 'cutmix = 1' in [net]"]

@@ -463,3 +463,17 @@ def test_ema_is_the_warmed_up_running_average_and_is_saved(data, tmp_path):
     assert all(torch.allclose(saved[k], expected[k], atol=1e-6) for k in floats)
     raw = trainer.model.state_dict()
     assert any(not torch.allclose(saved[k], raw[k]) for k in floats)  # the average lags the raw weights
+
+
+def test_mosaic_and_random_scale_reach_the_augmentation_and_a_bad_scale_is_refused(data, tmp_path):
+    root, _, _ = data
+    cfg = root / "mosaic.cfg"
+    cfg.write_text(CFG.format(bn=1).replace("[net]\n", "[net]\nmosaic=1\nrandom_scale=0.25\n"))
+    settings = Trainer(options(data, tmp_path / "a", cfg=cfg))._augment_settings()
+    assert settings.mosaic and settings.random_scale == 0.25
+    plain = Trainer(options(data, tmp_path / "b"))._augment_settings()
+    assert not plain.mosaic and plain.random_scale == 0.0
+    bad = root / "bad-scale.cfg"
+    bad.write_text(CFG.format(bn=1).replace("[net]\n", "[net]\nrandom_scale=1.5\n"))
+    with pytest.raises(DetkitError, match=r"random_scale=1.5 must be in \[0, 1\)"):
+        Trainer(options(data, tmp_path / "c", cfg=bad))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .augment import DarknetAugment, augment
+from .augment import DarknetAugment, augment, augment_with_extent, mosaic
 from .ssd_augment import SSDAugment, ssd_augment
 
 log = logging.getLogger("detkit")
@@ -55,6 +55,24 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key: int):
         """`key` = epoch * len + index (from ResumableSampler), or a plain index (epoch 0)."""
         epoch, index = divmod(int(key), len(self.samples))
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.settings else None
+        if rng is not None and getattr(self.settings, "mosaic", False):
+            others = rng.integers(0, len(self.samples), 3)
+            parts = [self._transformed(i, np.random.default_rng([self.seed, epoch, index, k]), augment_with_extent)
+                     for k, i in enumerate([index, *others.tolist()])]
+            canvas, boxes, classes = mosaic(parts, *self.net_size, rng)
+        else:
+            canvas, boxes, classes = self._transformed(index, rng)
+        if rng is not None and len(boxes) > self.max_boxes:  # darknet keeps `max`, shuffled
+            keep = rng.permutation(len(boxes))[: self.max_boxes]
+            boxes, classes = boxes[keep], classes[keep]
+        tensor = torch.from_numpy(np.ascontiguousarray(canvas[:, :, ::-1])).permute(2, 0, 1)
+        targets = torch.cat([torch.from_numpy(classes).float()[:, None], torch.from_numpy(boxes)], 1)
+        return tensor, targets, index
+
+    def _transformed(self, index: int, rng: np.random.Generator | None, transform=None):
+        """One sample read and placed at the network size (augmented when `rng` is given) by
+        `transform`, the dataset's own by default."""
         sample = self.samples[index]
         image = cv2.imread(str(sample.image), cv2.IMREAD_COLOR)
         if image is None:
@@ -63,14 +81,7 @@ class DetectionDataset(Dataset):
             boxes, classes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
         else:
             boxes, classes = sample.boxes.astype(np.float32), sample.classes.astype(np.int64)
-        rng = np.random.default_rng([self.seed, epoch, index]) if self.settings else None
-        canvas, boxes, classes = self._transform(image, boxes, classes, *self.net_size, self.settings, rng)
-        if rng is not None and len(boxes) > self.max_boxes:  # darknet keeps `max`, shuffled
-            keep = rng.permutation(len(boxes))[: self.max_boxes]
-            boxes, classes = boxes[keep], classes[keep]
-        tensor = torch.from_numpy(np.ascontiguousarray(canvas[:, :, ::-1])).permute(2, 0, 1)
-        targets = torch.cat([torch.from_numpy(classes).float()[:, None], torch.from_numpy(boxes)], 1)
-        return tensor, targets, index
+        return (transform or self._transform)(image, boxes, classes, *self.net_size, self.settings, rng)
 
 
 def collate(batch):

@@ -221,9 +221,12 @@ class Trainer:
             "saturation": net.get_float("saturation", 1.0), "exposure": net.get_float("exposure", 1.0),
             "random": bool(getattr(self.model.heads[-1], "random", 0)),
             "flip": bool(net.get_int("flip", 1)), "rot90": bool(net.get_int("rot90", 0)),
+            "random_scale": net.get_float("random_scale", 0.0), "mosaic": bool(net.get_int("mosaic", 0)),
             "optimizer": "adam" if net.get_int("adam", 0) else "sgd",
             "betas": (net.get_float("B1", 0.9), net.get_float("B2", 0.999)), "eps": net.get_float("eps", 1e-7),
         }
+        if not 0.0 <= hyper["random_scale"] < 1.0:
+            raise net.error(f"random_scale={hyper['random_scale']} must be in [0, 1)")
         return hyper
 
     def _apply_overrides(self) -> None:
@@ -290,10 +293,13 @@ class Trainer:
         if not self.options.augment:
             return None
         if has_ssd_head(self.model):
+            if self.hyper["mosaic"]:
+                log.warning("mosaic=1 is ignored for SSD heads: they train with SSD's augmentation")
             return SSDAugment()
         return DarknetAugment(jitter=self.hyper["jitter"], hue=self.hyper["hue"],
                               saturation=self.hyper["saturation"], exposure=self.hyper["exposure"],
-                              flip=self.hyper["flip"], rot90=self.hyper["rot90"])
+                              flip=self.hyper["flip"], rot90=self.hyper["rot90"],
+                              random_scale=self.hyper["random_scale"], mosaic=self.hyper["mosaic"])
 
     def _loader(self):
         dataset = DetectionDataset(self.options.train, self.model.input_size, self._augment_settings(),
