@@ -159,6 +159,8 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     conf: float = typer.Option(0.005, help="candidate threshold (darknet's valid: 0.005)"),
     nms: float = typer.Option(0.45, help="NMS IoU threshold"),
+    iou: float = typer.Option(0.5, help="IoU a detection needs with a truth to count for the VOC mAP "
+                                         "(the NEON tree-crown benchmark uses 0.4); COCO keeps its own"),
     batch: int = typer.Option(8, help="images per forward pass"),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (as detect)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
@@ -170,6 +172,8 @@ def evaluate(
     from .engine.evaluate import coco_json, evaluate_coco, evaluate_voc
     from .engine.train import predict_samples
 
+    if not 0.0 < iou < 1.0:
+        raise DetkitError(f"--iou {iou} must be between 0 and 1")
     items, names = load_split(data, split, strict=strict)
     device = pick_device(device)
     model = load_model(cfg, weights, device=device)
@@ -178,16 +182,17 @@ def evaluate(
 
         model = optimize_for_inference(model, device)
     detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms)
-    voc = evaluate_voc(detections, truths)
-    voc07 = evaluate_voc(detections, truths, use_07_metric=True)
+    voc = evaluate_voc(detections, truths, iou_thresh=iou)
+    voc07 = evaluate_voc(detections, truths, iou_thresh=iou, use_07_metric=True)
     coco = evaluate_coco(detections, truths, model.num_classes)
     typer.echo(f"{len(items)} images, {sum(len(t.classes) for t in truths)} boxes, "
                f"{sum(len(d.scores) for d in detections)} detections (conf {conf}, nms {nms})")
-    typer.echo(f"{'class':20s} {'AP50 (AUC)':>10s} {'AP50 (VOC07)':>12s}")
+    ap_name = f"AP{round(iou * 100):d}"
+    typer.echo(f"{'class':20s} {ap_name + ' (AUC)':>10s} {ap_name + ' (VOC07)':>12s}")
     for cls, ap in voc.ap.items():
         name = names[cls] if cls < len(names) else str(cls)
         typer.echo(f"{name:20s} {ap:10.4f} {voc07.ap[cls]:12.4f}")
-    typer.echo(f"{'mAP@0.5':20s} {voc.map:10.4f} {voc07.map:12.4f}")
+    typer.echo(f"{'mAP@' + format(iou, 'g'):20s} {voc.map:10.4f} {voc07.map:12.4f}")
     typer.echo("COCO: " + "  ".join(f"{k} {v:.4f}" for k, v in coco.items()))
     if json_out is not None:
         json_out.write_text(json.dumps(coco_json(detections, list(range(1, len(items) + 1)))))

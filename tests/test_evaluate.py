@@ -43,6 +43,14 @@ def test_voc_ap_hand_computed():
     assert result07.ap[0] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
 
 
+def test_iou_threshold_decides_a_loose_box():
+    # [3, 0, 13, 10] against the truth [0, 0, 10, 10]: IoU 70 / 130 = 0.538, TP at 0.5, FP at 0.6
+    truths = [truth([[0, 0, 10, 10, 0]])]
+    loose = [dets([[3, 0, 13, 10, 0.9, 0]])]
+    assert evaluate_voc(loose, truths, iou_thresh=0.5).ap[0] == pytest.approx(1.0)
+    assert evaluate_voc(loose, truths, iou_thresh=0.6).ap[0] == pytest.approx(0.0)
+
+
 def test_difficult_is_ignored_and_duplicates_are_false_positives():
     truths = [truth([[0, 0, 10, 10, 0], [40, 40, 50, 50, 0]], difficult=[False, True])]
     result = evaluate_voc([dets([[0, 0, 10, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 0],
