@@ -142,6 +142,9 @@ def detect(
                               "the eager model"),
     backend: str = typer.Option("torch", "--backend", help="torch, or onnxruntime (CPU: the "
                                 "network's checked ONNX export, cached in ~/.cache/detkit)"),
+    tta: bool = typer.Option(False, "--tta", help="test-time augmentation: every flip and quarter "
+                             "turn of a square input (flips only otherwise), boxes merged by "
+                             "weighted NMS; eight forward passes"),
 ) -> None:
     """Detect objects in images, videos, cameras and streams; save annotated copies."""
     import os
@@ -177,7 +180,7 @@ def detect(
             detector = Detector(cfg, weights, device=device, conf_thresh=conf, nms_thresh=nms,
                                 half=half, img_size=size, letterbox=letterbox, names=names,
                                 max_det=max_det, classes=classes, fast=fast,
-                                backend=backend)
+                                backend=backend, tta=tta)
         except BaseException:
             if created and out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()

@@ -162,6 +162,9 @@ def evaluate(
     iou: float = typer.Option(0.5, help="IoU a detection needs with a truth to count for the VOC mAP "
                                          "(the NEON tree-crown benchmark uses 0.4); COCO keeps its own"),
     batch: int = typer.Option(8, help="images per forward pass"),
+    tta: bool = typer.Option(False, "--tta", help="test-time augmentation: every flip and quarter turn "
+                                                  "of a square input (flips only otherwise), boxes "
+                                                  "merged by weighted NMS"),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (as detect)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the precision-recall curves (PNG)"),
@@ -181,12 +184,14 @@ def evaluate(
         from .fast import optimize_for_inference
 
         model = optimize_for_inference(model, device)
-    detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms)
+    detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms,
+                                         tta=tta)
     voc = evaluate_voc(detections, truths, iou_thresh=iou)
     voc07 = evaluate_voc(detections, truths, iou_thresh=iou, use_07_metric=True)
     coco = evaluate_coco(detections, truths, model.num_classes)
     typer.echo(f"{len(items)} images, {sum(len(t.classes) for t in truths)} boxes, "
-               f"{sum(len(d.scores) for d in detections)} detections (conf {conf}, nms {nms})")
+               f"{sum(len(d.scores) for d in detections)} detections (conf {conf}, nms {nms}"
+               f"{', tta' if tta else ''})")
     ap_name = f"AP{round(iou * 100):d}"
     typer.echo(f"{'class':20s} {ap_name + ' (AUC)':>10s} {ap_name + ' (VOC07)':>12s}")
     for cls, ap in voc.ap.items():

@@ -146,3 +146,4 @@ def test_eval_cli_fast_path_scores_like_the_eager_model(tiny_weights, tmp_path):
     assert fast.keys() == eager.keys() and eager["mAP@0.5"] > 0.5
     for name in fast:
         assert fast[name] == pytest.approx(eager[name], abs=2e-3), name
+    assert evaluate("--tta")["mAP@0.5"] > 0.5  # the views' placement is tested in test_tta.py

@@ -165,6 +165,7 @@ class Detector:
     folded, channels-last, fused/Winograd convolutions on the CPU, CUDA graphs on the GPU);
     `fast=False` runs the eager model exactly as trained. `backend="onnxruntime"` (CPU) runs
     the network's ONNX export (detkit.export, cached) in onnxruntime instead of PyTorch.
+    `tta` runs every view of `engine.tta` (flips, quarter turns) and merges their boxes.
     """
 
     def __init__(self, cfg: str | Path | None = None, weights: str | Path | None = None,
@@ -173,7 +174,7 @@ class Detector:
                  img_size: int | tuple[int, int] | None = None, letterbox: bool | None = None,
                  names: str | Path | Sequence[str] | None = None, max_det: int = 300,
                  classes: str | Sequence[str | int] | None = None, fast: bool = True,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", tta: bool = False) -> None:
         from .. import load_model
 
         if cfg is None:
@@ -212,6 +213,7 @@ class Detector:
         self.conf_thresh = float(conf_thresh)
         self.nms_thresh = float(nms_thresh)
         self.max_det = int(max_det)
+        self.tta = bool(tta)
         self.num_classes = self.model.num_classes
         self.names = resolve_names(names, self.num_classes)
         self.classes = parse_classes(classes, self.names)
@@ -238,15 +240,17 @@ class Detector:
         """BGR uint8 images -> per image a CPU (K, 6) tensor x1, y1, x2, y2, score, class in
         original-image pixels, sorted by score. The whole batch is one forward pass."""
         from ..boxes import postprocess
+        from .tta import merge_nms, predict_views
 
         if not images:
             return []
         batch, places = letterbox_batch(images, self.input_size, self.device, self.letterbox,
                                         self.dtype)
-        preds = self.model(batch).float()
+        preds = (predict_views(self.model, batch) if self.tta else self.model(batch)).float()
         if self._class_mask is not None:
             preds[..., 5:] = preds[..., 5:] * self._class_mask
-        per_image = postprocess(preds, self.conf_thresh, self.nms_thresh, self.max_det)
+        merge = merge_nms if self.tta else postprocess
+        per_image = merge(preds, self.conf_thresh, self.nms_thresh, self.max_det)
         corrected = [correct_boxes(d, p, self.input_size) for d, p in zip(per_image, places, strict=True)]
         # one device-to-host copy for the whole batch, then split on the host
         return list(torch.cat(corrected).cpu().split([len(d) for d in corrected]))

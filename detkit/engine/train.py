@@ -34,6 +34,7 @@ from .evaluate import ImageDetections, ImageTruth, evaluate_voc
 from .letterbox import default_letterbox, has_ssd_head
 from .plots import plot_pr_curves, plot_training
 from .schedule import Schedule, parameter_groups
+from .tta import merge_nms, predict_views
 
 log = logging.getLogger("detkit")
 
@@ -478,9 +479,9 @@ class Trainer:
 
 @torch.no_grad()
 def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_thresh: float = 0.005,
-                    nms_thresh: float = 0.45) -> tuple[list[ImageDetections], list[ImageTruth]]:
+                    nms_thresh: float = 0.45, tta: bool = False) -> tuple[list[ImageDetections], list[ImageTruth]]:
     """Inference on every sample, letterboxed or stretched as the model is run by `detect`;
-    detections and truths in original-image pixels."""
+    detections and truths in original-image pixels. `tta`: every view of `engine.tta`, merged."""
     was_training = model.training
     model.eval()
     letterbox = default_letterbox(model)
@@ -490,7 +491,9 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
     for start in range(0, len(dataset), batch):
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
         x = torch.stack([item[0] for item in items]).to(device).float().div_(255)
-        for out, (_, _, index) in zip(postprocess(model(x), conf_thresh, nms_thresh), items, strict=True):
+        outs = (merge_nms(predict_views(model, x), conf_thresh, nms_thresh) if tta
+                else postprocess(model(x), conf_thresh, nms_thresh))
+        for out, (_, _, index) in zip(outs, items, strict=True):
             sample = samples[index]
             width, height = image_size(sample.image)
             dx, dy, new_w, new_h = place_only(width, height, net_w, net_h) if letterbox else (0, 0, net_w, net_h)
