@@ -234,3 +234,35 @@ def test_dataset_mosaic_mixes_four_samples_reproducibly(tmp_path):
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
+
+
+def test_dataset_mosaic_parts_do_not_share_the_cut_points_random_stream(tmp_path, monkeypatch):
+    """Each part is augmented from its own stream: with a shared one, a zoomed-in first image
+    would come with a large top-left quadrant (correlation 0.9 before the fix)."""
+    import copy
+
+    import cv2
+
+    import detkit.data.dataset as dataset_module
+    from detkit.data.dataset import DetectionDataset, Sample
+
+    samples = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), np.full((80, 80, 3), 90, np.uint8))
+        samples.append(Sample(path, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
+    pairs = []
+    real_mosaic = dataset_module.mosaic
+
+    def recording_mosaic(parts, net_w, net_h, rng):
+        cut_x = copy.deepcopy(rng).uniform(0.25, 0.75)  # the draw mosaic makes first
+        pairs.append((parts[0][3][2] - parts[0][3][0], cut_x))
+        return real_mosaic(parts, net_w, net_h, rng)
+
+    monkeypatch.setattr(dataset_module, "mosaic", recording_mosaic)
+    settings = DarknetAugment(jitter=0.3, hue=0.0, saturation=1.0, exposure=1.0, random_scale=0.5, mosaic=True)
+    dataset = DetectionDataset(samples, (64, 64), settings, seed=2)
+    for key in range(200):
+        dataset[key]
+    widths, cuts = np.array(pairs).T
+    assert widths.std() > 0 and abs(np.corrcoef(widths, cuts)[0, 1]) < 0.3

@@ -120,3 +120,13 @@ def test_detect_tta_finds_the_dog_photo_objects_and_the_cli_takes_the_option(tin
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "dog" in run.stdout and (tmp_path / "out" / "dog.jpg").exists()
+
+
+def test_merge_nms_handles_no_candidates_a_flat_box_and_max_det():
+    none = merge_nms(torch.zeros(2, 5, 6), conf_thresh=0.1, nms_thresh=0.45)
+    assert [tuple(out.shape) for out in none] == [(0, 6), (0, 6)]
+    flat = torch.tensor([[[5.0, 5.0, 0.0, 4.0, 0.9, 1.0]]])  # zero width: IoU with itself is 0/0
+    out = merge_nms(flat, conf_thresh=0.1, nms_thresh=0.45)[0]
+    assert torch.isfinite(out).all() and out[0, :4].tolist() == pytest.approx([5.0, 3.0, 5.0, 7.0])
+    spread = torch.tensor([[[10.0 * i, 0.0, 5.0, 5.0, 0.9 - 0.01 * i, 1.0] for i in range(10)]])
+    assert len(merge_nms(spread, conf_thresh=0.1, nms_thresh=0.45, max_det=4)[0]) == 4

@@ -58,7 +58,8 @@ class DetectionDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index]) if self.settings else None
         if rng is not None and getattr(self.settings, "mosaic", False):
             others = rng.integers(0, len(self.samples), 3)
-            parts = [self._transformed(i, np.random.default_rng([self.seed, epoch, index, k]), augment_with_extent)
+            # k + 1: a trailing 0 would give the mosaic's own stream (SeedSequence pads with 0s)
+            parts = [self._transformed(i, np.random.default_rng([self.seed, epoch, index, k + 1]), augment_with_extent)
                      for k, i in enumerate([index, *others.tolist()])]
             canvas, boxes, classes = mosaic(parts, *self.net_size, rng)
         else:

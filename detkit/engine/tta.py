@@ -4,8 +4,8 @@ boxes of every view are mapped back and merged (ultralytics' `--augment`).
 A view is (flip, turns): a horizontal flip, then `turns` quarter turns of the network input
 (torch.rot90 over height, width). Square inputs get all eight symmetries of the square (overhead
 photos have no "up"); other inputs the identity and the flip, since a turn would change the input
-shape. Boxes are merged by NMS whose kept box is the score-weighted mean of the boxes it
-suppressed (yolov5's merge-NMS): the views' position errors partly cancel.
+shape. Boxes are merged by NMS whose kept box is the score-weighted mean of the same-class boxes it
+overlaps (yolov5's merge-NMS): the views' position errors partly cancel.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def apply_view(x: torch.Tensor, view: View) -> torch.Tensor:
     flip, turns = view
     if flip:
         x = x.flip(-1)
-    return torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+    # contiguous: the fast path's CUDA graphs are keyed on strides as well as the shape
+    return torch.rot90(x, turns, dims=(-2, -1)).contiguous() if turns else x
 
 
 def undo_view(preds: torch.Tensor, view: View, width: int, height: int) -> torch.Tensor:
@@ -60,7 +61,8 @@ def merge_nms(preds: torch.Tensor, conf_thresh: float, nms_thresh: float,
               max_det: int = 300) -> list[torch.Tensor]:
     """`boxes.postprocess` (darknet's candidates, NMS per image and class), each kept box
     replaced by the score-weighted mean of the same-class candidates it overlaps by more than
-    `nms_thresh` (itself included). Returns per image (K, 6) x1, y1, x2, y2, score, class."""
+    `nms_thresh` (itself included; as in yolov5, a candidate may count for two kept boxes).
+    Returns per image (K, 6) x1, y1, x2, y2, score, class."""
     from torchvision.ops import batched_nms, box_iou
 
     results = []
@@ -72,6 +74,7 @@ def merge_nms(preds: torch.Tensor, conf_thresh: float, nms_thresh: float,
         score = scores[row, cls].float()
         keep = batched_nms(boxes, score, cls, nms_thresh)[:max_det]
         overlap = box_iou(boxes[keep], boxes) > nms_thresh
+        overlap[torch.arange(len(keep)), keep] = True  # a zero-area box's IoU with itself is NaN
         weights = (overlap & (cls[keep, None] == cls[None])).float() * score[None]
         merged = weights @ boxes / weights.sum(1, keepdim=True)
         results.append(torch.cat([merged, score[keep, None], cls[keep, None].float()], 1))
