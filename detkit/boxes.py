@@ -16,12 +16,15 @@ def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def postprocess(preds: torch.Tensor, conf_thresh: float = 0.5, nms_thresh: float = 0.45,
-                max_det: int = 300) -> list[torch.Tensor]:
+                max_det: int = 300, merge: bool = False) -> list[torch.Tensor]:
     """Darknet's get_network_boxes + do_nms_sort, for a whole batch in one NMS call.
 
     Candidates: objectness > conf_thresh; each class with score = objectness * p(class) >
     conf_thresh becomes one (box, score, class) row; greedy NMS per image and class. Returns per
     image a (K, 6) tensor x1, y1, x2, y2, score, class, sorted by score, at most max_det rows.
+    `merge` (yolov5's merge-NMS, for test-time augmentation): each kept box becomes the
+    score-weighted mean of the candidates of its image and class it overlaps by more than
+    `nms_thresh`, itself included (a candidate may count for two kept boxes, as in yolov5).
     """
     # imported here: torchvision costs ~1 s of CLI start-up that most commands never need
     from torchvision.ops import batched_nms
@@ -35,7 +38,27 @@ def postprocess(preds: torch.Tensor, conf_thresh: float = 0.5, nms_thresh: float
     boxes = cxcywh_to_xyxy(candidates[row, :4])
     score = scores[row, cls]
     owner = image_idx[row]
-    keep = batched_nms(boxes.float(), score.float(), owner * max(num_classes, 1) + cls, nms_thresh)
-    detections = torch.cat([boxes[keep], score[keep, None], cls[keep, None].to(boxes.dtype)], 1)
+    group = owner * max(num_classes, 1) + cls
+    keep = batched_nms(boxes.float(), score.float(), group, nms_thresh)
+    kept_boxes = merge_overlapping(boxes, score, group, keep, nms_thresh) if merge else boxes[keep]
+    detections = torch.cat([kept_boxes, score[keep, None], cls[keep, None].to(boxes.dtype)], 1)
     owner = owner[keep]
     return [detections[owner == b][:max_det] for b in range(batch)]
+
+
+def merge_overlapping(boxes: torch.Tensor, score: torch.Tensor, group: torch.Tensor, keep: torch.Tensor,
+                      iou_thresh: float, chunk: int = 256) -> torch.Tensor:
+    """The score-weighted mean of the same-group boxes each kept box overlaps by more than
+    `iou_thresh`, itself always included (a zero-area box's IoU with itself is 0/0). Kept boxes
+    are taken `chunk` at a time, so memory stays chunk x candidates."""
+    from torchvision.ops import box_iou
+
+    candidates, weights_of = boxes.float(), score.float()
+    merged = []
+    for start in range(0, len(keep), chunk):
+        rows = keep[start:start + chunk]
+        overlap = box_iou(candidates[rows], candidates) > iou_thresh
+        overlap[torch.arange(len(rows), device=rows.device), rows] = True
+        weights = (overlap & (group[rows, None] == group[None])).float() * weights_of[None]
+        merged.append(weights @ candidates / weights.sum(1, keepdim=True))
+    return torch.cat(merged).to(boxes.dtype) if merged else boxes[keep]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detkit.engine.tta import apply_view, merge_nms, predict_views, undo_view, views_for
+from detkit.boxes import postprocess
+from detkit.engine.tta import apply_view, predict_views, undo_view, views_for
 
 
 class FindsTheRectangle(torch.nn.Module):
@@ -55,7 +56,7 @@ def test_merge_nms_averages_the_suppressed_boxes_by_score():
                            row(1, 0, 11, 10, 0.3, [1, 0]),     # IoU 9/11 with it: merged
                            row(0, 1, 10, 11, 0.8, [0, 1]),     # the other class: its own detection
                            row(50, 50, 60, 60, 0.5, [1, 0])]])  # far away: its own
-    out = merge_nms(preds, conf_thresh=0.1, nms_thresh=0.45)[0]
+    out = postprocess(preds, conf_thresh=0.1, nms_thresh=0.45, merge=True)[0]
     assert out[:, 4].tolist() == pytest.approx([0.9, 0.8, 0.5])
     assert out[0, :4].tolist() == pytest.approx([0.25, 0, 10.25, 10])  # (0.9 * 0 + 0.3 * 1) / 1.2
     assert out[1, :4].tolist() == pytest.approx([0, 1, 10, 11]) and out[1, 5] == 1
@@ -123,10 +124,27 @@ def test_detect_tta_finds_the_dog_photo_objects_and_the_cli_takes_the_option(tin
 
 
 def test_merge_nms_handles_no_candidates_a_flat_box_and_max_det():
-    none = merge_nms(torch.zeros(2, 5, 6), conf_thresh=0.1, nms_thresh=0.45)
+    none = postprocess(torch.zeros(2, 5, 6), conf_thresh=0.1, nms_thresh=0.45, merge=True)
     assert [tuple(out.shape) for out in none] == [(0, 6), (0, 6)]
     flat = torch.tensor([[[5.0, 5.0, 0.0, 4.0, 0.9, 1.0]]])  # zero width: IoU with itself is 0/0
-    out = merge_nms(flat, conf_thresh=0.1, nms_thresh=0.45)[0]
+    out = postprocess(flat, conf_thresh=0.1, nms_thresh=0.45, merge=True)[0]
     assert torch.isfinite(out).all() and out[0, :4].tolist() == pytest.approx([5.0, 3.0, 5.0, 7.0])
     spread = torch.tensor([[[10.0 * i, 0.0, 5.0, 5.0, 0.9 - 0.01 * i, 1.0] for i in range(10)]])
-    assert len(merge_nms(spread, conf_thresh=0.1, nms_thresh=0.45, max_det=4)[0]) == 4
+    assert len(postprocess(spread, conf_thresh=0.1, nms_thresh=0.45, max_det=4, merge=True)[0]) == 4
+
+
+def test_merging_in_chunks_equals_merging_at_once_and_stays_within_each_image():
+    from detkit.boxes import merge_overlapping
+
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(40, 2, generator=generator) * 50
+    boxes = torch.cat([xy, xy + 10 + torch.rand(40, 2, generator=generator) * 5], 1)
+    score = torch.rand(40, generator=generator)
+    group = torch.arange(40) % 2  # two images (or classes), interleaved
+    keep = torch.tensor([0, 1, 5, 8, 13, 22, 31])
+    whole = merge_overlapping(boxes, score, group, keep, 0.3)
+    assert torch.allclose(merge_overlapping(boxes, score, group, keep, 0.3, chunk=2), whole)
+    for row, kept in zip(whole, keep, strict=True):  # only its own group's boxes move it
+        same = group == group[kept]
+        alone = merge_overlapping(boxes[same], score[same], group[same], same[:kept].sum()[None], 0.3)
+        assert torch.allclose(row, alone[0])

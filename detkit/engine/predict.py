@@ -240,7 +240,7 @@ class Detector:
         """BGR uint8 images -> per image a CPU (K, 6) tensor x1, y1, x2, y2, score, class in
         original-image pixels, sorted by score. The whole batch is one forward pass."""
         from ..boxes import postprocess
-        from .tta import merge_nms, predict_views
+        from .tta import predict_views
 
         if not images:
             return []
@@ -249,8 +249,7 @@ class Detector:
         preds = (predict_views(self.model, batch) if self.tta else self.model(batch)).float()
         if self._class_mask is not None:
             preds[..., 5:] = preds[..., 5:] * self._class_mask
-        merge = merge_nms if self.tta else postprocess
-        per_image = merge(preds, self.conf_thresh, self.nms_thresh, self.max_det)
+        per_image = postprocess(preds, self.conf_thresh, self.nms_thresh, self.max_det, merge=self.tta)
         corrected = [correct_boxes(d, p, self.input_size) for d, p in zip(per_image, places, strict=True)]
         # one device-to-host copy for the whole batch, then split on the host
         return list(torch.cat(corrected).cpu().split([len(d) for d in corrected]))

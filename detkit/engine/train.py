@@ -34,7 +34,7 @@ from .evaluate import ImageDetections, ImageTruth, evaluate_voc
 from .letterbox import default_letterbox, has_ssd_head
 from .plots import plot_pr_curves, plot_training
 from .schedule import Schedule, parameter_groups
-from .tta import merge_nms, predict_views
+from .tta import predict_views
 
 log = logging.getLogger("detkit")
 
@@ -491,9 +491,8 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
     for start in range(0, len(dataset), batch):
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
         x = torch.stack([item[0] for item in items]).to(device).float().div_(255)
-        outs = (merge_nms(predict_views(model, x), conf_thresh, nms_thresh) if tta
-                else postprocess(model(x), conf_thresh, nms_thresh))
-        for out, (_, _, index) in zip(outs, items, strict=True):
+        preds = predict_views(model, x) if tta else model(x)
+        for out, (_, _, index) in zip(postprocess(preds, conf_thresh, nms_thresh, merge=tta), items, strict=True):
             sample = samples[index]
             width, height = image_size(sample.image)
             dx, dy, new_w, new_h = place_only(width, height, net_w, net_h) if letterbox else (0, 0, net_w, net_h)

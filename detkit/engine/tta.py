@@ -4,15 +4,14 @@ boxes of every view are mapped back and merged (ultralytics' `--augment`).
 A view is (flip, turns): a horizontal flip, then `turns` quarter turns of the network input
 (torch.rot90 over height, width). Square inputs get all eight symmetries of the square (overhead
 photos have no "up"); other inputs the identity and the flip, since a turn would change the input
-shape. Boxes are merged by NMS whose kept box is the score-weighted mean of the same-class boxes it
-overlaps (yolov5's merge-NMS): the views' position errors partly cancel.
+shape. The views' boxes are merged by `boxes.postprocess(..., merge=True)` (yolov5's merge-NMS,
+each kept box the score-weighted mean of the same-class boxes it overlaps): the views' position
+errors partly cancel.
 """
 
 from __future__ import annotations
 
 import torch
-
-from ..boxes import cxcywh_to_xyxy
 
 View = tuple[bool, int]
 
@@ -55,27 +54,3 @@ def predict_views(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     height, width = x.shape[-2:]
     return torch.cat([undo_view(model(apply_view(x, view)), view, width, height)
                       for view in views_for(width, height)], 1)
-
-
-def merge_nms(preds: torch.Tensor, conf_thresh: float, nms_thresh: float,
-              max_det: int = 300) -> list[torch.Tensor]:
-    """`boxes.postprocess` (darknet's candidates, NMS per image and class), each kept box
-    replaced by the score-weighted mean of the same-class candidates it overlaps by more than
-    `nms_thresh` (itself included; as in yolov5, a candidate may count for two kept boxes).
-    Returns per image (K, 6) x1, y1, x2, y2, score, class."""
-    from torchvision.ops import batched_nms, box_iou
-
-    results = []
-    for image_preds in preds:
-        candidates = image_preds[image_preds[:, 4] > conf_thresh]
-        scores = candidates[:, 4:5] * candidates[:, 5:]
-        row, cls = (scores > conf_thresh).nonzero(as_tuple=True)
-        boxes = cxcywh_to_xyxy(candidates[row, :4]).float()
-        score = scores[row, cls].float()
-        keep = batched_nms(boxes, score, cls, nms_thresh)[:max_det]
-        overlap = box_iou(boxes[keep], boxes) > nms_thresh
-        overlap[torch.arange(len(keep)), keep] = True  # a zero-area box's IoU with itself is NaN
-        weights = (overlap & (cls[keep, None] == cls[None])).float() * score[None]
-        merged = weights @ boxes / weights.sum(1, keepdim=True)
-        results.append(torch.cat([merged, score[keep, None], cls[keep, None].float()], 1))
-    return results
