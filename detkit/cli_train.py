@@ -109,7 +109,7 @@ def train(
     subdivisions: Optional[int] = typer.Option(None, help="gradient accumulation steps"),
     lr: Optional[float] = typer.Option(None, help="learning rate (overrides [net])"),
     optimizer: Optional[str] = typer.Option(None, help="sgd, adam or adamw (default: adam when [net] "
-                                            "adam=1, else sgd with [net] momentum)"),
+                                            "adam=1, else sgd with [net] momentum; --resume keeps the run's)"),
     burn_in: Optional[int] = typer.Option(None, help="warm-up iterations (overrides [net])"),
     eval_interval: int = typer.Option(100, help="iterations between evaluations (0: at the end)"),
     checkpoint_interval: int = typer.Option(50, help="iterations between last.pt checkpoints"),

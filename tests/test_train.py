@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from detkit.data.dataset import Sample
-from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.train import Trainer, TrainOptions, evaluate_samples
+from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from detkit.engine.train import Trainer, TrainOptions, evaluate_samples, optimizer_kind_of
 from detkit.errors import DetkitError
 
 CFG = """[net]
@@ -418,6 +418,29 @@ def test_adam_run_resumes_as_if_uninterrupted(data, tmp_path):
     assert trajectory(rest) == trajectory(whole)[3:]
     state = load_checkpoint(tmp_path / "split" / "last.pt")["optimizer"]["state"]
     assert all("exp_avg_sq" in slot for slot in state.values())
+
+
+def test_resume_keeps_the_optimizer_and_refuses_another(data, tmp_path):
+    """torch would load Adam's moments into SGD silently; the run's optimizer is kept instead."""
+    Trainer(options(data, tmp_path / "run", max_batches=1, optimizer="adam")).train()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["optimizer_kind"] == "adam"
+    assert type(Trainer(options(data, tmp_path / "run", max_batches=2, resume=True)).optimizer) is torch.optim.Adam
+    with pytest.raises(DetkitError, match="--optimizer sgd differs from the resumed run's adam"):
+        Trainer(options(data, tmp_path / "run", max_batches=2, resume=True, optimizer="sgd"))
+    # a checkpoint written before the kind was recorded: read from the optimizer state
+    legacy = load_checkpoint(tmp_path / "run" / "last.pt")
+    del legacy["optimizer_kind"]
+    save_checkpoint(tmp_path / "run" / "last.pt", legacy)
+    with pytest.raises(DetkitError, match="--optimizer adamw differs from the resumed run's adam"):
+        Trainer(options(data, tmp_path / "run", max_batches=2, resume=True, optimizer="adamw"))
+
+
+def test_optimizer_kind_is_read_from_a_saved_state():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    made = {"sgd": torch.optim.SGD(params, lr=0.1, momentum=0.9), "adam": torch.optim.Adam(params),
+            "adamw": torch.optim.AdamW(params)}
+    assert {kind: optimizer_kind_of(opt.state_dict()) for kind, opt in made.items()} == {
+        "sgd": "sgd", "adam": "adam", "adamw": "adamw"}
 
 
 def test_gpus_children_get_the_parsed_options_not_sys_argv(monkeypatch):

@@ -96,6 +96,15 @@ def make_optimizer(hyper: dict, groups: list[dict], learning_rate: float) -> tor
     raise DetkitError(f"optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
+def optimizer_kind_of(state: dict) -> str:
+    """sgd, adam or adamw from a saved optimizer state_dict: checkpoints written before
+    `optimizer_kind` was recorded."""
+    group = state["param_groups"][0]
+    if "betas" not in group:
+        return "sgd"
+    return "adamw" if group.get("decoupled_weight_decay") else "adam"
+
+
 def distributed_context(device: torch.device) -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) for a single process. NCCL for
     CUDA devices, gloo otherwise (a CPU run on a CUDA machine too)."""
@@ -136,6 +145,7 @@ class Trainer:
         self.hyper = self._hyper()
         self.schedule = Schedule.from_net(self.model.net)
         self._apply_overrides()
+        self._keep_resumed_optimizer(saved)
         self.ema = copy.deepcopy(self.model).eval() if options.ema > 0 else None
         self.optimizer = make_optimizer(self.hyper, parameter_groups(self.model, self.hyper["decay"]),
                                         self.schedule.learning_rate)
@@ -249,6 +259,19 @@ class Trainer:
         if self.schedule.max_batches <= 0:
             raise DetkitError("max_batches must be positive ([net] max_batches or --max-batches)")
 
+    def _keep_resumed_optimizer(self, saved: dict | None) -> None:
+        """A resumed run keeps its optimiser (`--optimizer` may only repeat it): SGD's momentum
+        buffers and Adam's moments mean nothing to each other, yet torch loads one's state into
+        the other without a word, and the run would go on without its momentum."""
+        if saved is None:
+            return
+        recorded = saved.get("optimizer_kind") or optimizer_kind_of(saved["optimizer"])
+        requested = self.options.optimizer
+        if requested is not None and requested != recorded:
+            raise DetkitError(f"--optimizer {requested} differs from the resumed run's {recorded}: "
+                              f"resume with the same optimizer (or without --optimizer)")
+        self.hyper["optimizer"] = recorded
+
     def _wrap_ddp(self, model):
         if self.world == 1:
             return model
@@ -262,7 +285,8 @@ class Trainer:
                 "seen": self.model.seen, "best_map": self.best_map,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "torch_rng": torch.get_rng_state(), "cfg": str(self.options.cfg),
-                "frozen_layers": self.frozen, "minutes": self._minutes()}
+                "frozen_layers": self.frozen, "optimizer_kind": self.hyper["optimizer"],
+                "minutes": self._minutes()}
 
     def _minutes(self) -> float:
         """Training wall-clock minutes, earlier runs of a resumed training included, so that
