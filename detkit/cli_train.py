@@ -162,6 +162,8 @@ def evaluate(
     iou: float = typer.Option(0.5, help="IoU a detection needs with a truth to count for the VOC mAP "
                                          "(the NEON tree-crown benchmark uses 0.4); COCO keeps its own"),
     batch: int = typer.Option(8, help="images per forward pass"),
+    max_det: int = typer.Option(300, "--max-det", help="at most this many detections per image (as "
+                                                       "ultralytics' val; darknet's has no cap)"),
     tta: bool = typer.Option(False, "--tta", help="test-time augmentation: every flip and quarter turn "
                                                   "of a square input (flips only otherwise), boxes "
                                                   "merged by weighted NMS"),
@@ -177,6 +179,8 @@ def evaluate(
 
     if not 0.0 < iou < 1.0:
         raise DetkitError(f"--iou {iou} must be between 0 and 1")
+    if max_det < 1:
+        raise DetkitError(f"--max-det {max_det} must be at least 1")
     items, names = load_split(data, split, strict=strict)
     device = pick_device(device)
     model = load_model(cfg, weights, device=device)
@@ -185,7 +189,7 @@ def evaluate(
 
         model = optimize_for_inference(model, device)
     detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms,
-                                         tta=tta)
+                                         max_det=max_det, tta=tta)
     voc = evaluate_voc(detections, truths, iou_thresh=iou)
     voc07 = evaluate_voc(detections, truths, iou_thresh=iou, use_07_metric=True)
     coco = evaluate_coco(detections, truths, model.num_classes)

@@ -140,10 +140,15 @@ def test_eval_cli_fast_path_scores_like_the_eager_model(tiny_weights, tmp_path):
                               "--device", "cpu", *extra], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-2000:]
         assert "COCO: AP " in run.stdout
-        return {name: float(value) for name, value in re.findall(r"^(\S+)\s+([0-9.]+)\s+[0-9.]+$", run.stdout, re.M)}
+        table = {name: float(value) for name, value in re.findall(r"^(\S+)\s+([0-9.]+)\s+[0-9.]+$", run.stdout, re.M)}
+        table["detections"] = int(re.search(r"(\d+) detections", run.stdout).group(1))
+        return table
 
     fast, eager = evaluate(), evaluate("--no-fast")
     assert fast.keys() == eager.keys() and eager["mAP@0.5"] > 0.5
-    for name in fast:
+    for name in fast.keys() - {"detections"}:  # a candidate near --conf may round either way
         assert fast[name] == pytest.approx(eager[name], abs=2e-3), name
     assert evaluate("--tta")["mAP@0.5"] > 0.5  # the views' placement is tested in test_tta.py
+    capped = evaluate("--max-det", "1")
+    assert capped["detections"] == 6 < fast["detections"]
+    assert capped["mAP@0.5"] < fast["mAP@0.5"]

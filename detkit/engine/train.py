@@ -503,9 +503,11 @@ class Trainer:
 
 @torch.no_grad()
 def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_thresh: float = 0.005,
-                    nms_thresh: float = 0.45, tta: bool = False) -> tuple[list[ImageDetections], list[ImageTruth]]:
+                    nms_thresh: float = 0.45, tta: bool = False,
+                    max_det: int = 300) -> tuple[list[ImageDetections], list[ImageTruth]]:
     """Inference on every sample, letterboxed or stretched as the model is run by `detect`;
-    detections and truths in original-image pixels. `tta`: every view of `engine.tta`, merged."""
+    detections and truths in original-image pixels. `tta`: every view of `engine.tta`, merged;
+    at most `max_det` detections per image, the best scored."""
     was_training = model.training
     model.eval()
     letterbox = default_letterbox(model)
@@ -516,7 +518,7 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
         x = torch.stack([item[0] for item in items]).to(device).float().div_(255)
         preds = predict_views(model, x) if tta else model(x)
-        for out, (_, _, index) in zip(postprocess(preds, conf_thresh, nms_thresh, merge=tta), items, strict=True):
+        for out, (_, _, index) in zip(postprocess(preds, conf_thresh, nms_thresh, max_det, merge=tta), items, strict=True):
             sample = samples[index]
             width, height = image_size(sample.image)
             dx, dy, new_w, new_h = place_only(width, height, net_w, net_h) if letterbox else (0, 0, net_w, net_h)
