@@ -69,9 +69,7 @@ def place(image: np.ndarray, net_w: int, net_h: int, jitter: float,
         x0, y0 = int(_offset(rng, net_w - new_w)), int(_offset(rng, net_h - new_h))
     canvas = np.full((net_h, net_w, 3), 127, np.uint8)
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    src_x, src_y, dst_x, dst_y = max(0, -x0), max(0, -y0), max(0, x0), max(0, y0)
-    copy_w, copy_h = min(new_w - src_x, net_w - dst_x), min(new_h - src_y, net_h - dst_y)
-    canvas[dst_y:dst_y + copy_h, dst_x:dst_x + copy_w] = resized[src_y:src_y + copy_h, src_x:src_x + copy_w]
+    _paste(canvas, resized, (0, 0, net_w, net_h), (x0, y0))
     return canvas, (float(x0), float(y0), float(new_w), float(new_h))
 
 
@@ -206,14 +204,24 @@ def _cut_boxes(boxes: np.ndarray, classes: np.ndarray, region, offset, net_w: in
     """A part's normalised boxes moved by `offset` pixels and clipped to `region`."""
     if not len(boxes):
         return np.zeros((0, 4), np.float32), classes[:0]
-    scale = np.array([net_w, net_h, net_w, net_h], np.float64)
-    corners = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1) * scale
-    corners += np.array(offset * 2, np.float64)
+    corners = to_xyxy_pixels(boxes, net_w, net_h) + np.array(offset * 2, np.float64)
     area = (corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1])
     x1, y1, x2, y2 = region
     clipped = np.clip(corners, [x1, y1, x1, y1], [x2, y2, x2, y2])
     width, height = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
     keep = (width > 2) & (height > 2) & (width * height >= min_visible * np.maximum(area, 1e-9))
-    clipped = clipped[keep] / scale
-    centred = np.concatenate([(clipped[:, :2] + clipped[:, 2:]) / 2, clipped[:, 2:] - clipped[:, :2]], 1)
-    return centred.astype(np.float32), classes[keep]
+    return to_cxcywh_normalised(clipped[keep], net_w, net_h), classes[keep]
+
+
+def to_xyxy_pixels(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Normalised (cx, cy, w, h) -> corner pixels of a w x h image."""
+    cx, cy, bw, bh = boxes.T
+    return np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w,
+                     (cy + bh / 2) * h], 1).astype(np.float32)
+
+
+def to_cxcywh_normalised(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Corner pixels of a w x h image -> normalised (cx, cy, w, h), clipped to the image."""
+    x1, y1 = np.clip(boxes[:, 0] / w, 0, 1), np.clip(boxes[:, 1] / h, 0, 1)
+    x2, y2 = np.clip(boxes[:, 2] / w, 0, 1), np.clip(boxes[:, 3] / h, 0, 1)
+    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1).astype(np.float32)

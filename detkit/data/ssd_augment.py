@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .augment import to_cxcywh_normalised, to_xyxy_pixels
+
 # None: keep the whole image; -inf: any crop whose kept truths are non-empty (Caffe's
 # max_jaccard_overlap=1 sampler).
 CROP_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -np.inf)
@@ -156,18 +158,6 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return image[:, ::-1], flipped
 
 
-def _to_xyxy_pixels(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
-    cx, cy, bw, bh = boxes.T
-    return np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w,
-                     (cy + bh / 2) * h], 1).astype(np.float32)
-
-
-def _to_cxcywh_normalised(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
-    x1, y1 = np.clip(boxes[:, 0] / w, 0, 1), np.clip(boxes[:, 1] / h, 0, 1)
-    x2, y2 = np.clip(boxes[:, 2] / w, 0, 1), np.clip(boxes[:, 3] / h, 0, 1)
-    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1).astype(np.float32)
-
-
 def ssd_augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, net_w: int, net_h: int,
                 settings: SSDAugment | None, rng: np.random.Generator | None):
     """One training (settings and rng given) or evaluation (None: warp only) sample.
@@ -176,7 +166,7 @@ def ssd_augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, net_w
     uint8 network-size image, boxes (K, 4) cx, cy, w, h normalised to the network and classes (K,).
     """
     h, w = image.shape[:2]
-    xyxy = _to_xyxy_pixels(np.asarray(boxes, np.float32).reshape(-1, 4), w, h)
+    xyxy = to_xyxy_pixels(np.asarray(boxes, np.float32).reshape(-1, 4), w, h)
     classes = np.asarray(classes)
     if settings is not None and rng is not None:
         image, xyxy, classes = _geometric(image, xyxy, classes, settings, rng)
@@ -184,7 +174,7 @@ def ssd_augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, net_w
     out = cv2.resize(np.ascontiguousarray(image), (net_w, net_h), interpolation=cv2.INTER_LINEAR)
     if out.dtype != np.uint8:
         out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    normalised = _to_cxcywh_normalised(xyxy, w, h)
+    normalised = to_cxcywh_normalised(xyxy, w, h)
     min_size = settings.min_size if settings is not None else 0.0
     keep = (normalised[:, 2] > min_size) & (normalised[:, 3] > min_size)
     return out, normalised[keep], classes[keep]
