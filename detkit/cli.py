@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from .cli_train import TILE_HELP, TILE_OVERLAP_HELP
 from .errors import DetkitError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -145,6 +146,8 @@ def detect(
     tta: bool = typer.Option(False, "--tta", help="test-time augmentation: every flip and quarter "
                              "turn of a square input (flips only otherwise), boxes merged by "
                              "weighted NMS; eight forward passes"),
+    tile: int | None = typer.Option(None, "--tile", help=TILE_HELP),
+    tile_overlap: float = typer.Option(0.25, "--tile-overlap", help=TILE_OVERLAP_HELP),
 ) -> None:
     """Detect objects in images, videos, cameras and streams; save annotated copies."""
     import os
@@ -180,7 +183,8 @@ def detect(
             detector = Detector(cfg, weights, device=device, conf_thresh=conf, nms_thresh=nms,
                                 half=half, img_size=size, letterbox=letterbox, names=names,
                                 max_det=max_det, classes=classes, fast=fast,
-                                backend=backend, tta=tta)
+                                backend=backend, tta=tta, tile=tile,
+                                tile_overlap=tile_overlap)
         except BaseException:
             if created and out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()

@@ -18,6 +18,10 @@ log = logging.getLogger("detkit")
 
 STRICT_HELP = ("any label problem (bad box, unknown class, malformed line, missing label file, "
                "missing or unreadable image) is an error; default: one warning, bad parts left out")
+TILE_HELP = ("detect in overlapping windows of this many pixels of each image, merged (for aerial "
+             "photos far larger than the network input, with a model trained on such tiles); "
+             "--max-det then counts per window")
+TILE_OVERLAP_HELP = "share of a --tile window overlapped by the next one"
 
 
 def pick_device(device: Optional[str]) -> str:
@@ -167,6 +171,8 @@ def evaluate(
     tta: bool = typer.Option(False, "--tta", help="test-time augmentation: every flip and quarter turn "
                                                   "of a square input (flips only otherwise), boxes "
                                                   "merged by weighted NMS"),
+    tile: Optional[int] = typer.Option(None, "--tile", help=TILE_HELP),
+    tile_overlap: float = typer.Option(0.25, "--tile-overlap", help=TILE_OVERLAP_HELP),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (as detect)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the precision-recall curves (PNG)"),
@@ -189,7 +195,8 @@ def evaluate(
 
         model = optimize_for_inference(model, device)
     detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms,
-                                         max_det=max_det, tta=tta)
+                                         max_det=max_det, tta=tta, tile=tile,
+                                         tile_overlap=tile_overlap)
     voc = evaluate_voc(detections, truths, iou_thresh=iou)
     voc07 = evaluate_voc(detections, truths, iou_thresh=iou, use_07_metric=True)
     coco = evaluate_coco(detections, truths, model.num_classes)

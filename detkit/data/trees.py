@@ -2,7 +2,8 @@
 
 Training tiles (416 px, 25 % overlap) come from one YELL photo; validation is a second YELL photo
 from the same site (tiled without overlap) and OSBS_029 from another site. A tile keeps a box
-when at least half of it is inside, clipped to the tile.
+when at least half of it is inside, clipped to the tile. `trees-whole.data` validates on the
+uncut YELL photo instead, for `detkit eval --tile 416` (windows cut and merged at inference).
 
     python -m detkit.data.trees assets/deepforest data/trees
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..engine.slicing import tile_origins
+
 TRAIN = "2019_YELL_2_528000_4978000_image_crop2"
 VALID = "2019_YELL_2_541000_4977000_image_crop"
 OTHER_SITE = "OSBS_029"
@@ -27,15 +30,6 @@ def read_voc_boxes(xml_path: Path) -> np.ndarray:
     boxes = [[float(obj.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
              for obj in root.iter("object")]
     return np.array(boxes, np.float64).reshape(-1, 4)
-
-
-def tile_origins(length: int, tile: int, stride: int) -> list[int]:
-    if length <= tile:
-        return [0]
-    origins = list(range(0, length - tile + 1, stride))
-    if origins[-1] != length - tile:
-        origins.append(length - tile)
-    return origins
 
 
 def cut(image: np.ndarray, boxes: np.ndarray, x0: int, y0: int, tile: int):
@@ -72,6 +66,14 @@ def tiles(source: Path, out: Path, stem: str, tile: int, stride: int) -> list[Pa
     return paths
 
 
+def whole(source: Path, out: Path, stem: str) -> Path:
+    """The photo uncut with all its boxes, for `detkit eval --tile` (sliced inference)."""
+    image = cv2.imread(str(source / f"{stem}.png"), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(source / f"{stem}.png")
+    return write_sample(out, stem, image, read_voc_boxes(source / f"{stem}.xml"))
+
+
 def build(source: Path, out: Path, tile: int = 416) -> Path:
     for sub in ("images", "labels"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -81,10 +83,13 @@ def build(source: Path, out: Path, tile: int = 416) -> Path:
     (out / "train.txt").write_text("".join(f"images/{p.name}\n" for p in train))
     (out / "valid.txt").write_text("".join(f"images/{p.name}\n" for p in valid))
     (out / "osbs.txt").write_text("".join(f"images/{p.name}\n" for p in other))
+    (out / "valid-whole.txt").write_text(f"images/{whole(source, out, VALID).name}\n")
     (out / "trees.names").write_text("Tree\n")
     data = out / "trees.data"
     data.write_text("classes=1\ntrain=train.txt\nvalid=valid.txt\nnames=trees.names\nbackup=backup\n")
     (out / "osbs.data").write_text("classes=1\ntrain=train.txt\nvalid=osbs.txt\nnames=trees.names\n")
+    (out / "trees-whole.data").write_text("classes=1\ntrain=train.txt\nvalid=valid-whole.txt\n"
+                                          "names=trees.names\n")
     return data
 
 

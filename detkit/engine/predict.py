@@ -17,6 +17,7 @@ import torch
 
 from ..errors import DetkitError, WeightsError
 from .letterbox import correct_boxes, default_letterbox, letterbox_batch
+from .slicing import check_tiling, predict_sliced
 from .sources import ImageInput, as_bgr, read_image_or_raise
 
 log = logging.getLogger("detkit")
@@ -166,6 +167,9 @@ class Detector:
     `fast=False` runs the eager model exactly as trained. `backend="onnxruntime"` (CPU) runs
     the network's ONNX export (detkit.export, cached) in onnxruntime instead of PyTorch.
     `tta` runs every view of `engine.tta` (flips, quarter turns) and merges their boxes.
+    `tile` (px) detects in overlapping tile x tile windows of each image (`tile_overlap` of a
+    window shared with the next) and merges them (engine.slicing): for photos far larger than
+    the network input, such as aerial photos, with a model trained on tiles of that size.
     """
 
     def __init__(self, cfg: str | Path | None = None, weights: str | Path | None = None,
@@ -174,7 +178,8 @@ class Detector:
                  img_size: int | tuple[int, int] | None = None, letterbox: bool | None = None,
                  names: str | Path | Sequence[str] | None = None, max_det: int = 300,
                  classes: str | Sequence[str | int] | None = None, fast: bool = True,
-                 backend: str = "torch", tta: bool = False) -> None:
+                 backend: str = "torch", tta: bool = False, tile: int | None = None,
+                 tile_overlap: float = 0.25) -> None:
         from .. import load_model
 
         if cfg is None:
@@ -187,6 +192,8 @@ class Detector:
             raise DetkitError("--conf and --nms must be between 0 and 1")
         if max_det < 1:
             raise DetkitError("--max-det must be at least 1")
+        if tile is not None:
+            check_tiling(tile, tile_overlap)
         self.device = pick_device(device)
         self.model = load_model(cfg, weights, device=str(self.device))
         self.input_size = check_img_size(img_size) or self.model.input_size
@@ -214,6 +221,8 @@ class Detector:
         self.nms_thresh = float(nms_thresh)
         self.max_det = int(max_det)
         self.tta = bool(tta)
+        self.tile = None if tile is None else int(tile)
+        self.tile_overlap = float(tile_overlap)
         self.num_classes = self.model.num_classes
         self.names = resolve_names(names, self.num_classes)
         self.classes = parse_classes(classes, self.names)
@@ -238,21 +247,18 @@ class Detector:
     @torch.inference_mode()
     def predict_arrays(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """BGR uint8 images -> per image a CPU (K, 6) tensor x1, y1, x2, y2, score, class in
-        original-image pixels, sorted by score. The whole batch is one forward pass."""
-        from ..boxes import postprocess
-        from .tta import predict_views
+        original-image pixels, sorted by score. Without `tile` the whole batch is one forward
+        pass; with it each image is cut into windows (engine.slicing), batched per image."""
+        if self.tile is None:
+            return self._predict_whole(images)
+        return [predict_sliced(image, self.tile, self.tile_overlap, self._predict_whole,
+                               self.nms_thresh) for image in images]
 
-        if not images:
-            return []
-        batch, places = letterbox_batch(images, self.input_size, self.device, self.letterbox,
-                                        self.dtype)
-        preds = (predict_views(self.model, batch) if self.tta else self.model(batch)).float()
-        if self._class_mask is not None:
-            preds[..., 5:] = preds[..., 5:] * self._class_mask
-        per_image = postprocess(preds, self.conf_thresh, self.nms_thresh, self.max_det, merge=self.tta)
-        corrected = [correct_boxes(d, p, self.input_size) for d, p in zip(per_image, places, strict=True)]
-        # one device-to-host copy for the whole batch, then split on the host
-        return list(torch.cat(corrected).cpu().split([len(d) for d in corrected]))
+    def _predict_whole(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        return predict_letterboxed(self.model, images, self.input_size, self.device,
+                                   self.letterbox, self.conf_thresh, self.nms_thresh,
+                                   self.max_det, tta=self.tta, dtype=self.dtype,
+                                   class_mask=self._class_mask)
 
     def to_detections(self, rows: torch.Tensor) -> list[Detection]:
         """(K, 6) rows -> Detection objects with class names."""
@@ -271,3 +277,26 @@ class Detector:
     def detect(self, image: ImageInput) -> list[Detection]:
         """Detect in one image (a path or a BGR uint8 ndarray); boxes in its pixels."""
         return self.detect_batch([image])[0]
+
+
+@torch.inference_mode()
+def predict_letterboxed(model: torch.nn.Module, images: Sequence[np.ndarray],
+                        input_size: tuple[int, int], device: torch.device | str, letterbox: bool,
+                        conf_thresh: float, nms_thresh: float, max_det: int, tta: bool = False,
+                        dtype: torch.dtype = torch.float32,
+                        class_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`Detector.predict_arrays` without slicing, for any model (eval runs its own): BGR uint8
+    images -> per image a CPU (K, 6) tensor x1, y1, x2, y2, score, class in image pixels.
+    The whole batch is one forward pass and one device-to-host copy."""
+    from ..boxes import postprocess
+    from .tta import predict_views
+
+    if not images:
+        return []
+    batch, places = letterbox_batch(images, input_size, device, letterbox, dtype)
+    preds = (predict_views(model, batch) if tta else model(batch)).float()
+    if class_mask is not None:
+        preds[..., 5:] = preds[..., 5:] * class_mask
+    per_image = postprocess(preds, conf_thresh, nms_thresh, max_det, merge=tta)
+    corrected = [correct_boxes(d, p, input_size) for d, p in zip(per_image, places, strict=True)]
+    return list(torch.cat(corrected).cpu().split([len(d) for d in corrected]))

@@ -503,11 +503,16 @@ class Trainer:
 
 @torch.no_grad()
 def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_thresh: float = 0.005,
-                    nms_thresh: float = 0.45, tta: bool = False,
-                    max_det: int = 300) -> tuple[list[ImageDetections], list[ImageTruth]]:
+                    nms_thresh: float = 0.45, tta: bool = False, max_det: int = 300,
+                    tile: int | None = None, tile_overlap: float = 0.25
+                    ) -> tuple[list[ImageDetections], list[ImageTruth]]:
     """Inference on every sample, letterboxed or stretched as the model is run by `detect`;
     detections and truths in original-image pixels. `tta`: every view of `engine.tta`, merged;
-    at most `max_det` detections per image, the best scored."""
+    at most `max_det` detections per image, the best scored. `tile`: each image is cut into
+    overlapping windows of that size (engine.slicing), as `detect --tile` does."""
+    if tile is not None:
+        return _predict_samples_sliced(model, samples, device, conf_thresh, nms_thresh, tta,
+                                       max_det, tile, tile_overlap)
     was_training = model.training
     model.eval()
     letterbox = default_letterbox(model)
@@ -527,6 +532,32 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
             boxes = (out[:, :4] - [dx, dy, dx, dy]) * scale
             detections.append(ImageDetections(boxes, out[:, 4], out[:, 5].astype(int)))
             truths.append(truth_in_pixels(sample, width, height))
+    model.train(was_training)
+    return detections, truths
+
+
+def _predict_samples_sliced(model: Model, samples: list, device, conf_thresh: float,
+                            nms_thresh: float, tta: bool, max_det: int, tile: int,
+                            tile_overlap: float) -> tuple[list[ImageDetections], list[ImageTruth]]:
+    """predict_samples with every image cut into windows, through detect's own pipeline."""
+    import functools
+
+    from .predict import predict_letterboxed
+    from .slicing import check_tiling, predict_sliced
+    from .sources import as_bgr, read_image_or_raise
+
+    check_tiling(tile, tile_overlap)
+    was_training = model.training
+    model.eval()
+    predict = functools.partial(predict_letterboxed, model, input_size=model.input_size, device=device,
+                                letterbox=default_letterbox(model), conf_thresh=conf_thresh,
+                                nms_thresh=nms_thresh, max_det=max_det, tta=tta)
+    detections, truths = [], []
+    for sample in samples:
+        image = as_bgr(read_image_or_raise(sample.image))
+        rows = predict_sliced(image, tile, tile_overlap, predict, nms_thresh).double().numpy()
+        detections.append(ImageDetections(rows[:, :4], rows[:, 4], rows[:, 5].astype(int)))
+        truths.append(truth_in_pixels(sample, image.shape[1], image.shape[0]))
     model.train(was_training)
     return detections, truths
 
