@@ -54,7 +54,8 @@ assets/video/bikes.mp4: | install
 # Tree-crown tiles as a darknet data set (data/trees/trees.data): see detkit/data/trees.py.
 trees: data/trees/trees.data
 
-data/trees/trees.data: assets/deepforest/OSBS_029.xml | install
+# rebuilt when the builder changes (a new list or .data file appears without `rm -r data/trees`)
+data/trees/trees.data: assets/deepforest/OSBS_029.xml detkit/data/trees.py | install
 	$(PY) -m detkit.data.trees assets/deepforest data/trees
 
 demo: install assets darknet
