@@ -1,7 +1,8 @@
 """detkit against its peers, one run, side by side: same cfgs, weights, input and threads.
 
 Peers (each in its own worker process, bench/peer_worker.py):
-  detkit eager fp32, detkit fast path (detkit.fast), detkit's ONNX export on onnxruntime,
+  detkit eager fp32, detkit fast path (detkit.fast) with its default passive OpenMP waiting and
+  with spinning threads (a dedicated machine's setting), detkit's ONNX export on onnxruntime,
   OpenCV DNN 4.x readNetFromDarknet (in bench/.venv-opencv, opencv-python-headless<5),
   the reference darknet (libdarknet, single-threaded by its build).
 Networks: yolov3-tiny (official weights), yolov2-voc and yolov3 (random weights with calibrated
@@ -42,14 +43,19 @@ OPENCV_PY = BENCH / ".venv-opencv" / "bin" / "python"
 RESULTS = BENCH / "results"
 PHOTO = Path("/usr/share/darknet/data/dog.jpg")
 
-PEERS = {  # key -> (label, python, worker kind)
-    "detkit-fast": ("detkit fast path", sys.executable, "detkit-fast"),
-    "detkit-eager": ("detkit eager fp32", sys.executable, "detkit-eager"),
-    "detkit-ort": ("detkit ONNX on onnxruntime", sys.executable, "detkit-ort"),
-    "opencv": ("OpenCV DNN", str(OPENCV_PY), "opencv"),
-    "darknet": ("reference darknet", sys.executable, "darknet"),
+# A dedicated machine's setting: OpenMP threads spin 10000 rounds before sleeping, as OpenCV's
+# and onnxruntime's own pools spin. detkit's default waits passively (robust on a shared CPU).
+SPINNING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}
+PEERS = {  # key -> (label, python, worker kind, environment over the pinned threads)
+    "detkit-fast": ("detkit fast path", sys.executable, "detkit-fast", {}),
+    "detkit-fast-spin": ("detkit fast path, OpenMP spinning (ACTIVE, GOMP_SPINCOUNT=10000)",
+                         sys.executable, "detkit-fast", SPINNING),
+    "detkit-eager": ("detkit eager fp32", sys.executable, "detkit-eager", {}),
+    "detkit-ort": ("detkit ONNX on onnxruntime", sys.executable, "detkit-ort", {}),
+    "opencv": ("OpenCV DNN", str(OPENCV_PY), "opencv", {}),
+    "darknet": ("reference darknet", sys.executable, "darknet", {}),
 }
-DETKIT_ONLY = ("detkit-fast", "detkit-eager", "detkit-ort")
+DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-eager", "detkit-ort")
 MODELS = {  # name -> (cfg, weights or None for detkit-only random init, peers)
     "yolov3-tiny": ("cfg/yolov3-tiny.cfg", "weights/yolov3-tiny.weights", tuple(PEERS)),
     "yolov2-voc": ("cfg/yolov2-voc.cfg", "weights/yolov2-voc.random.weights", tuple(PEERS)),
@@ -64,9 +70,9 @@ class Worker:
     """A peer_worker.py process spoken to with JSON lines."""
 
     def __init__(self, key: str, threads: int) -> None:
-        label, python, kind = PEERS[key]
+        label, python, kind, extra_env = PEERS[key]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+                   OPENBLAS_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), **extra_env)
         self.key, self.label = key, label
         self.proc = subprocess.Popen([python, str(BENCH / "peer_worker.py"), kind, str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
