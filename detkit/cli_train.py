@@ -116,6 +116,9 @@ def train(
                                             "adam=1, else sgd with [net] momentum; --resume keeps the run's)"),
     burn_in: Optional[int] = typer.Option(None, help="warm-up iterations (overrides [net])"),
     eval_interval: int = typer.Option(100, help="iterations between evaluations (0: at the end)"),
+    eval_tile: Optional[int] = typer.Option(None, "--eval-tile", help="evaluate in overlapping windows "
+                                            "of this many pixels (as eval --tile): validation photos far "
+                                            "larger than the training tiles"),
     checkpoint_interval: int = typer.Option(50, help="iterations between last.pt checkpoints"),
     workers: int = typer.Option(2, help="DataLoader worker processes"),
     amp: str = typer.Option("none", help="none, fp16 or bf16 (CUDA only)"),
@@ -136,6 +139,10 @@ def train(
         check_gpu_count(gpus, device)
         raise typer.Exit(launch_processes(gpus, command_arguments(ctx)))
 
+    if eval_tile is not None:
+        from .engine.slicing import check_tiling
+
+        check_tiling(eval_tile, 0.25)
     train_items, names = load_split(data, "train", strict=strict)
     if val is not None:
         val_items, _ = load_split(val, "valid", names=names or None, strict=strict)
@@ -148,6 +155,7 @@ def train(
         cfg=cfg, train=train_items, val=val_items, out=run_dir, weights=weights, cutoff=cutoff, freeze=freeze,
         resume=resume is not None, device=pick_device(device), max_batches=max_batches, batch=batch,
         subdivisions=subdivisions, learning_rate=lr, optimizer=optimizer, burn_in=burn_in, eval_interval=eval_interval,
+        eval_tile=eval_tile,
         checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema, ema_warmup=ema_warmup,
         augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []), sync_bn=sync_bn)
     result = Trainer(options).train()
@@ -187,6 +195,10 @@ def evaluate(
         raise DetkitError(f"--iou {iou} must be between 0 and 1")
     if max_det < 1:
         raise DetkitError(f"--max-det {max_det} must be at least 1")
+    if tile is not None:
+        from .engine.slicing import check_tiling
+
+        check_tiling(tile, tile_overlap)
     items, names = load_split(data, split, strict=strict)
     device = pick_device(device)
     model = load_model(cfg, weights, device=device)

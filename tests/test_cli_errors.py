@@ -76,3 +76,13 @@ def test_help_keeps_darknet_section_names():
     run = detkit("train", "--help")
     assert run.returncode == 0, run.stderr
     assert "(overrides [net])" in " ".join(run.stdout.split())
+
+
+@pytest.mark.parametrize("args", [
+    ("train", "--data", "nothing.data", "--cfg", "cfg/yolov3-tiny.cfg", "--eval-tile", "8"),
+    ("eval", "--data", "nothing.data", "--cfg", "cfg/yolov3-tiny.cfg", "--weights", "x.weights",
+     "--tile", "416", "--tile-overlap", "1.5"),
+], ids=["train --eval-tile", "eval --tile-overlap"])
+def test_bad_tiling_fails_before_any_work(args):
+    expected = "--tile 8: windows" if "--eval-tile" in args else "--tile-overlap 1.5 must be"
+    assert_one_line_error(detkit(*args), expected)

@@ -57,6 +57,7 @@ class TrainOptions:
     optimizer: str | None = None        # sgd | adam | adamw; None: adam when [net] adam=1, else sgd
     burn_in: int | None = None
     eval_interval: int = 100            # iterations between evaluations (0: only at the end)
+    eval_tile: int | None = None        # evaluate in windows of this size (engine.slicing)
     checkpoint_interval: int = 50
     workers: int = 2
     amp: str = "none"                   # none | fp16 | bf16 (CUDA)
@@ -460,7 +461,7 @@ class Trainer:
         if not self.options.val or self.rank != 0:
             return -1.0
         model = self.ema or self.model
-        result = evaluate_samples(model, self.options.val, self.device)
+        result = evaluate_samples(model, self.options.val, self.device, tile=self.options.eval_tile)
         mean_ap = result.map
         self._write_metrics(mean_ap)
         self._write_plots(result)
