@@ -133,16 +133,14 @@ def train(
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes (CUDA)"),
 ) -> None:
     """Train a detector; writes last.pt, best.pt (by mAP@0.5), last.weights and metrics.csv."""
+    from .engine.slicing import check_tiling
     from .engine.train import Trainer, TrainOptions
 
+    check_tiling(eval_tile, 0.25, "--eval-tile")
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         check_gpu_count(gpus, device)
         raise typer.Exit(launch_processes(gpus, command_arguments(ctx)))
 
-    if eval_tile is not None:
-        from .engine.slicing import check_tiling
-
-        check_tiling(eval_tile, 0.25)
     train_items, names = load_split(data, "train", strict=strict)
     if val is not None:
         val_items, _ = load_split(val, "valid", names=names or None, strict=strict)
@@ -195,10 +193,9 @@ def evaluate(
         raise DetkitError(f"--iou {iou} must be between 0 and 1")
     if max_det < 1:
         raise DetkitError(f"--max-det {max_det} must be at least 1")
-    if tile is not None:
-        from .engine.slicing import check_tiling
+    from .engine.slicing import check_tiling
 
-        check_tiling(tile, tile_overlap)
+    check_tiling(tile, tile_overlap)
     items, names = load_split(data, split, strict=strict)
     device = pick_device(device)
     model = load_model(cfg, weights, device=device)

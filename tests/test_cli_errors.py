@@ -81,8 +81,8 @@ def test_help_keeps_darknet_section_names():
 @pytest.mark.parametrize("args", [
     ("train", "--data", "nothing.data", "--cfg", "cfg/yolov3-tiny.cfg", "--eval-tile", "8"),
     ("eval", "--data", "nothing.data", "--cfg", "cfg/yolov3-tiny.cfg", "--weights", "x.weights",
-     "--tile", "416", "--tile-overlap", "1.5"),
+     "--tile-overlap", "1.5"),  # refused without --tile too
 ], ids=["train --eval-tile", "eval --tile-overlap"])
 def test_bad_tiling_fails_before_any_work(args):
-    expected = "--tile 8: windows" if "--eval-tile" in args else "--tile-overlap 1.5 must be"
+    expected = "--eval-tile 8: windows" if "--eval-tile" in args else "--tile-overlap 1.5 must be"
     assert_one_line_error(detkit(*args), expected)

@@ -102,8 +102,11 @@ def test_bad_tiling_is_a_clear_error():
 
     with pytest.raises(DetkitError, match="--tile 16"):
         check_tiling(16, 0.25)
-    with pytest.raises(DetkitError, match="--tile-overlap 1.0"):
-        check_tiling(416, 1.0)
+    with pytest.raises(DetkitError, match="--tile-overlap 0.9 must be between 0 and 0.75"):
+        check_tiling(416, 0.9)  # 12,321 windows on a 5000x5000 photo
+    with pytest.raises(DetkitError, match="--eval-tile 8"):
+        check_tiling(8, 0.25, "--eval-tile")
+    check_tiling(None, 0.75)
 
 
 def box_iou(a, b) -> float:
@@ -156,6 +159,21 @@ def test_detector_finds_a_photo_inside_a_large_canvas_where_it_is(dog, tiny_weig
         # > 0.8, not equal: the window above also shows the truck whole, in other surroundings,
         # and its box (IoU 0.87 with the photo's own) may win the NMS
         assert best > 0.8, (cls, shifted, found)
+
+
+def test_tiled_detector_keeps_the_class_filter_and_runs_tta_per_window(dog, tiny_weights):
+    import detkit
+
+    image, _ = dog
+    canvas = np.full((1800, 2400, 3), 127, np.uint8)
+    canvas[1128:1704, 1632:2400] = image
+    only_dogs = detkit.Detector(TINY_CFG, tiny_weights, device="cpu", classes="dog", tile=768)
+    found = only_dogs.predict_arrays([canvas])[0]
+    assert len(found) >= 1 and set(found[:, 5].tolist()) == {16.0}
+    with_tta = detkit.Detector(TINY_CFG, tiny_weights, device="cpu", classes="dog", tile=768, tta=True)
+    (x1, y1, x2, y2, _, _), = with_tta.predict_arrays([canvas])[0].tolist()
+    # the plain pass's dog box, moved into the canvas; TTA's merged box differs a little (0.79)
+    assert box_iou((x1, y1, x2, y2), (1632 + 129, 1128 + 187, 1632 + 369, 1128 + 518)) > 0.7
 
 
 def run_detect(*args: str, cwd) -> subprocess.CompletedProcess:

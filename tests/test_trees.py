@@ -99,6 +99,7 @@ def test_finetune_on_trees_raises_validation_map(run, trees, tiny_weights, tmp_p
     # (--tile), they are found again, at about the tiles' mAP. Measured: yolov3-tiny 0.014
     # letterboxed, 0.228 sliced (0.196 on the tiles); the small SSD 0.0006, 0.127 (0.137).
     whole = REPO / "data" / "trees" / "trees-whole.data"
+    assert whole.exists(), f"{whole} missing: the data set predates it, run `make trees`"
     scores = {}
     for label, extra in (("letterboxed", ()), ("sliced", ("--tile", "416"))):
         out_text = detkit("eval", "--cfg", str(cfg), "--weights", str(out / "best.pt"), "--data", str(whole),

@@ -192,8 +192,7 @@ class Detector:
             raise DetkitError("--conf and --nms must be between 0 and 1")
         if max_det < 1:
             raise DetkitError("--max-det must be at least 1")
-        if tile is not None:
-            check_tiling(tile, tile_overlap)
+        check_tiling(tile, tile_overlap)
         self.device = pick_device(device)
         self.model = load_model(cfg, weights, device=str(self.device))
         self.input_size = check_img_size(img_size) or self.model.input_size

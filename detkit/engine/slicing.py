@@ -39,11 +39,15 @@ class Window(NamedTuple):
     core: tuple[float, float, float, float]  # x1, y1, x2, y2 in photo pixels, edges infinite
 
 
-def check_tiling(tile: int, overlap: float) -> None:
-    if tile < 32:
-        raise DetkitError(f"--tile {tile}: windows must be at least 32 px")
-    if not 0.0 <= overlap < 1.0:
-        raise DetkitError(f"--tile-overlap {overlap} must be at least 0 and below 1")
+MAX_OVERLAP = 0.75  # a window every quarter tile: 16x the windows of no overlap, already slow
+
+
+def check_tiling(tile: int | None, overlap: float, tile_option: str = "--tile") -> None:
+    """Refuse what would not work or would run for hours (overlap near 1 on a large photo)."""
+    if tile is not None and tile < 32:
+        raise DetkitError(f"{tile_option} {tile}: windows must be at least 32 px")
+    if not 0.0 <= overlap <= MAX_OVERLAP:
+        raise DetkitError(f"--tile-overlap {overlap} must be between 0 and {MAX_OVERLAP}")
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:

@@ -34,6 +34,7 @@ from .evaluate import ImageDetections, ImageTruth, evaluate_voc
 from .letterbox import default_letterbox, has_ssd_head
 from .plots import plot_pr_curves, plot_training
 from .schedule import Schedule, parameter_groups
+from .slicing import check_tiling, predict_sliced
 from .tta import predict_views
 
 log = logging.getLogger("detkit")
@@ -136,6 +137,7 @@ class Trainer:
         self.model = model_from_cfg(options.cfg)
         if not self.model.heads:
             raise DetkitError(f"{options.cfg}: has no detection layer to train")
+        check_tiling(options.eval_tile, 0.25, "--eval-tile")  # not after a whole run
         if options.weights is not None and not options.resume:
             self._load_pretrained(options.weights, options.cutoff)
         if options.sync_bn:
@@ -510,7 +512,8 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
     """Inference on every sample, letterboxed or stretched as the model is run by `detect`;
     detections and truths in original-image pixels. `tta`: every view of `engine.tta`, merged;
     at most `max_det` detections per image, the best scored. `tile`: each image is cut into
-    overlapping windows of that size (engine.slicing), as `detect --tile` does."""
+    overlapping windows of that size (engine.slicing), as `detect --tile` does, one image at a
+    time (`batch` unused), `max_det` then per window."""
     if tile is not None:
         return _predict_samples_sliced(model, samples, device, conf_thresh, nms_thresh, tta,
                                        max_det, tile, tile_overlap)
@@ -544,7 +547,6 @@ def _predict_samples_sliced(model: Model, samples: list, device, conf_thresh: fl
     import functools
 
     from .predict import predict_letterboxed
-    from .slicing import check_tiling, predict_sliced
     from .sources import as_bgr, read_image_or_raise
 
     check_tiling(tile, tile_overlap)
