@@ -53,11 +53,16 @@ def write_sample(out: Path, name: str, image: np.ndarray, boxes: np.ndarray) -> 
     return image_path
 
 
-def tiles(source: Path, out: Path, stem: str, tile: int, stride: int) -> list[Path]:
+def read_photo(source: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """A photo and its VOC boxes (x1, y1, x2, y2 pixels)."""
     image = cv2.imread(str(source / f"{stem}.png"), cv2.IMREAD_COLOR)
     if image is None:
         raise FileNotFoundError(source / f"{stem}.png")
-    boxes = read_voc_boxes(source / f"{stem}.xml")
+    return image, read_voc_boxes(source / f"{stem}.xml")
+
+
+def tiles(source: Path, out: Path, stem: str, tile: int, stride: int) -> list[Path]:
+    image, boxes = read_photo(source, stem)
     paths = []
     for y0 in tile_origins(image.shape[0], tile, stride):
         for x0 in tile_origins(image.shape[1], tile, stride):
@@ -68,10 +73,7 @@ def tiles(source: Path, out: Path, stem: str, tile: int, stride: int) -> list[Pa
 
 def whole(source: Path, out: Path, stem: str) -> Path:
     """The photo uncut with all its boxes, for `detkit eval --tile` (sliced inference)."""
-    image = cv2.imread(str(source / f"{stem}.png"), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(source / f"{stem}.png")
-    return write_sample(out, stem, image, read_voc_boxes(source / f"{stem}.xml"))
+    return write_sample(out, stem, *read_photo(source, stem))
 
 
 def build(source: Path, out: Path, tile: int = 416) -> Path:

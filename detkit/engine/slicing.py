@@ -83,26 +83,22 @@ def windows(width: int, height: int, tile: int, overlap: float) -> list[Window]:
             for x0, (cx1, cx2) in zip(xs, core_spans(xs, tile), strict=True)]
 
 
-def in_core(rows: torch.Tensor, window: Window) -> torch.Tensor:
-    """Rows (photo pixels) whose box centre lies in the window's core."""
-    cx = (rows[:, 0] + rows[:, 2]) / 2
-    cy = (rows[:, 1] + rows[:, 3]) / 2
-    x1, y1, x2, y2 = window.core
-    return rows[(cx >= x1) & (cx < x2) & (cy >= y1) & (cy < y2)]
-
-
 def merge_windows(rows_per_window: Sequence[torch.Tensor], window_list: Sequence[Window],
                   nms_thresh: float) -> torch.Tensor:
-    """Per-window (K, 6) rows in window pixels -> one (K, 6) tensor in photo pixels, by score."""
+    """Per-window (K, 6) rows in window pixels -> one (K, 6) tensor in photo pixels, by score:
+    all windows' rows at once, each shifted by its window's origin and kept if its centre lies
+    in that window's core."""
     from torchvision.ops import batched_nms
 
-    owned = []
-    for rows, window in zip(rows_per_window, window_list, strict=True):
-        shifted = rows.clone()
-        shifted[:, [0, 2]] += window.x0
-        shifted[:, [1, 3]] += window.y0
-        owned.append(in_core(shifted, window))
-    merged = torch.cat(owned) if owned else torch.zeros((0, 6))
+    rows = torch.cat(list(rows_per_window))
+    owner = torch.repeat_interleave(torch.arange(len(window_list)),
+                                    torch.tensor([len(r) for r in rows_per_window]))
+    origins = torch.tensor([[w.x0, w.y0] for w in window_list], dtype=rows.dtype)[owner]
+    cores = torch.tensor([w.core for w in window_list], dtype=rows.dtype)[owner]
+    boxes = rows[:, :4] + origins.repeat(1, 2)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    owned = ((centre >= cores[:, :2]) & (centre < cores[:, 2:])).all(1)
+    merged = torch.cat([boxes, rows[:, 4:]], 1)[owned]
     keep = batched_nms(merged[:, :4].float(), merged[:, 4].float(), merged[:, 5].long(), nms_thresh)
     return merged[keep]  # batched_nms returns indices by decreasing score
 

@@ -514,11 +514,22 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
     at most `max_det` detections per image, the best scored. `tile`: each image is cut into
     overlapping windows of that size (engine.slicing), as `detect --tile` does, one image at a
     time (`batch` unused), `max_det` then per window."""
-    if tile is not None:
-        return _predict_samples_sliced(model, samples, device, conf_thresh, nms_thresh, tta,
-                                       max_det, tile, tile_overlap)
     was_training = model.training
     model.eval()
+    try:
+        if tile is not None:
+            return _predict_samples_sliced(model, samples, device, conf_thresh, nms_thresh, tta,
+                                           max_det, tile, tile_overlap)
+        return _predict_samples_letterboxed(model, samples, device, batch, conf_thresh, nms_thresh,
+                                            tta, max_det)
+    finally:
+        model.train(was_training)
+
+
+def _predict_samples_letterboxed(model: Model, samples: list, device, batch: int, conf_thresh: float,
+                                 nms_thresh: float, tta: bool, max_det: int
+                                 ) -> tuple[list[ImageDetections], list[ImageTruth]]:
+    """predict_samples through the data set's loader, `batch` images a forward pass."""
     letterbox = default_letterbox(model)
     dataset = DetectionDataset(samples, model.input_size, None, letterbox=letterbox)
     net_w, net_h = model.input_size
@@ -536,7 +547,6 @@ def predict_samples(model: Model, samples: list, device, batch: int = 8, conf_th
             boxes = (out[:, :4] - [dx, dy, dx, dy]) * scale
             detections.append(ImageDetections(boxes, out[:, 4], out[:, 5].astype(int)))
             truths.append(truth_in_pixels(sample, width, height))
-    model.train(was_training)
     return detections, truths
 
 
@@ -550,8 +560,6 @@ def _predict_samples_sliced(model: Model, samples: list, device, conf_thresh: fl
     from .sources import as_bgr, read_image_or_raise
 
     check_tiling(tile, tile_overlap)
-    was_training = model.training
-    model.eval()
     predict = functools.partial(predict_letterboxed, model, input_size=model.input_size, device=device,
                                 letterbox=default_letterbox(model), conf_thresh=conf_thresh,
                                 nms_thresh=nms_thresh, max_det=max_det, tta=tta)
@@ -561,7 +569,6 @@ def _predict_samples_sliced(model: Model, samples: list, device, conf_thresh: fl
         rows = predict_sliced(image, tile, tile_overlap, predict, nms_thresh).double().numpy()
         detections.append(ImageDetections(rows[:, :4], rows[:, 4], rows[:, 5].astype(int)))
         truths.append(truth_in_pixels(sample, image.shape[1], image.shape[0]))
-    model.train(was_training)
     return detections, truths
 
 
