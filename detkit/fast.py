@@ -25,8 +25,11 @@ original layer outputs, up to float rounding: Winograd differs from direct convo
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,13 +55,15 @@ _ONEDNN_ATTRS: dict[str, tuple[str, list[float]]] = {
     "leaky": ("leaky_relu", [0.1]),
     "swish": ("swish", []),
 }
-WINOGRAD_MIN_CHANNELS = 128   # below this the transforms cost more than the FLOPs they save
-WINOGRAD_F4_MIN_SIZE = 24     # F(4x4,3x3) from this output size up, F(2x2,3x3) below
-# Winograd runs 25-45 small ops where oneDNN runs one, and every op wakes the thread pool (tens
-# of microseconds on a VM, far more on a shared CPU): only layers this heavy (direct FLOPs =
-# 2 x MACs at the tuned input size) gain more than they lose.
-WINOGRAD_MIN_GFLOPS = 0.8
-WINOGRAD_CLEAR_WIN = 0.85      # Winograd is kept only when it takes under 85% of oneDNN's time
+# Below 64 input channels the transforms cost more than the FLOPs they save (32->64 at 208x208:
+# 27 ms against oneDNN's 7).
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_F4_MIN_SIZE = 12     # F(4x4,3x3) from this output size up, F(2x2,3x3) below
+# Winograd runs about ten ops where oneDNN runs one, and every op wakes the thread pool (tens of
+# microseconds on a VM, more on a shared CPU): only layers this heavy (direct FLOPs = 2 x MACs
+# at the tuned input size) gain more than they lose.
+WINOGRAD_MIN_GFLOPS = 0.3
+WINOGRAD_CLEAR_WIN = 0.9       # Winograd is kept only when it takes under 90% of oneDNN's time
 MAX_PACKED_SHAPES = 8         # CPU: oneDNN-reordered weights kept per conv (one per input shape)
 MAX_GRAPHS = 8                # CUDA graphs kept (one per input shape), least recently used out
 
@@ -124,48 +129,64 @@ class ConvAct(nn.Module):
         return f"{tuple(self.weight.shape)}, stride={self.stride}, act={self.activation}"
 
 
+class ReorderedWeights:
+    """oneDNN-reordered copies of one convolution weight, one per input shape, a few at most.
+
+    Given plain weights, oneDNN reorders them into its blocked layout on every call: for a
+    13x13 3x3x512->1024 layer that reorder is two thirds of the call (45 -> 15 ms on two
+    threads). The layout oneDNN picks depends on the input shape, hence one copy per shape.
+    oneDNN tensors neither pickle nor deep-copy: a copy of the owner starts empty and reorders
+    on demand.
+    """
+
+    def __init__(self, padding: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int], groups: int) -> None:
+        self.args = (list(padding), list(stride), list(dilation), groups)
+        self.by_key: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> ReorderedWeights:
+        return ReorderedWeights(*self.args)
+
+    def __getstate__(self) -> dict:
+        return {"args": self.args, "by_key": {}}
+
+    def for_input(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The weight in the layout oneDNN wants for `x` (the plain weight where oneDNN cannot
+        take reordered ones)."""
+        if not _PREPACK_OK:
+            return weight
+        key = (*x.shape, weight._version, weight.data_ptr())  # a reloaded weight reorders anew
+        reordered = self.by_key.get(key)
+        if reordered is None:
+            if len(self.by_key) >= MAX_PACKED_SHAPES:
+                self.by_key.pop(next(iter(self.by_key)))
+            padding, stride, dilation, groups = self.args
+            reordered = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach(), padding, stride, dilation, groups, list(x.shape))
+            self.by_key[key] = reordered
+        return reordered
+
+
 class OneDnnConvAct(ConvAct):
     """ConvAct as one oneDNN call with the activation as a post-op (CPU, float32), on weights
-    reordered once into oneDNN's blocked layout.
+    reordered once into oneDNN's blocked layout (ReorderedWeights).
 
     The post-op saves a full read and write of every activation map (a separate leaky ReLU costs
-    about a tenth of a 416x416 YOLO). Given plain weights, oneDNN reorders them on every call:
-    for a 13x13 3x3x512->1024 layer that reorder is two thirds of the call (45 -> 15 ms on two
-    threads), so the reordered weights are kept, one copy per input shape (the layout oneDNN
-    picks depends on it), a few shapes at most.
+    about a tenth of a 416x416 YOLO).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
                  activation: str) -> None:
         super().__init__(weight, bias, conv, activation)
-        self._packed: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_packed"] = {}  # oneDNN tensors neither pickle nor deep-copy; repacked on demand
-        return state
-
-    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        if not _PREPACK_OK:
-            return self.weight
-        key = (*x.shape, self.weight._version, self.weight.data_ptr())  # a reloaded weight repacks
-        packed = self._packed.get(key)
-        if packed is None:
-            if len(self._packed) >= MAX_PACKED_SHAPES:
-                self._packed.pop(next(iter(self._packed)))
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), list(self.padding), list(self.stride), list(self.dilation),
-                self.groups, list(x.shape))
-            self._packed[key] = packed
-        return packed
+        self.reordered = ReorderedWeights(self.padding, self.stride, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x)
         attr, scalars = _ONEDNN_ATTRS[self.activation]
         return torch.ops.mkldnn._convolution_pointwise(
-            x, self._weight_for(x), self.bias, list(self.padding), list(self.stride),
-            list(self.dilation), self.groups, attr, scalars, "")
+            x, self.reordered.for_input(self.weight, x), self.bias, list(self.padding),
+            list(self.stride), list(self.dilation), self.groups, attr, scalars, "")
 
 
 def _winograd_matrices(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,44 +210,45 @@ def _winograd_matrices(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 class WinogradConv3x3(nn.Module):
     """3x3, stride 1, padding 1 convolution + activation by Winograd F(m x m, 3 x 3).
 
-    Per (m+2)^2 input tile: V = B^T d B, then (m+2)^2 independent channel GEMMs V_i @ U_i, then
-    Y = A^T M A. The 2-D transforms are single GEMMs with Kronecker products of the 1-D
-    matrices; the channel GEMMs are one torch.bmm or, on a single thread, oneDNN linears with
-    weights pre-packed for the expected number of tiles. F(4,3) does 4x, F(2,3) 2.25x fewer
-    multiply-adds than direct convolution. Input and output are channels-last (NHWC memory).
+    Per (m+2)^2 input tile: V = B^T d B, then P = (m+2)^2 independent channel GEMMs V_p @ U_p,
+    then Y = A^T M A. The 2-D transforms are matmuls with Kronecker products of the 1-D
+    matrices. The P channel GEMMs are one grouped 1x1 convolution (P groups) over a
+    (1, P*Cin, tiles, 1) channels-last map, the tiles' transformed points laid out as
+    (tile, point, channel): oneDNN runs it with its own AVX-512 kernels on reordered weights at
+    185-200 GFLOP/s on two EPYC threads, where torch.bmm (MKL) reaches 110-150 with the same
+    operands; the GEMMs are most of the time. F(4,3) does 4x, F(2,3) 2.25x fewer multiply-adds
+    than direct convolution. Input and output are channels-last (NHWC memory).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str, m: int,
-                 tiles_hint: int = 64) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str,
+                 m: int) -> None:
         super().__init__()
         bt, g, at = _winograd_matrices(m)
         self.m, self.alpha = m, m + 2
+        self.points = self.alpha ** 2
         self.activation = activation
         self.act = ACTIVATIONS[activation]
         cout, cin = weight.shape[:2]
-        u = (g @ weight.detach().double() @ g.T).reshape(cout, cin, -1).float()  # (Cout, Cin, a^2)
-        # Pre-packed oneDNN linears: fastest on one thread (1.3-1.6x at a 13x13 map's few tiles),
-        # but (m+2)^2 small ops that two threads share poorly; with more threads one bmm wins
-        # (measured on 2 cores: yolov3 345 vs 435 ms). Decided by the thread count now.
-        self.packed = torch.get_num_threads() == 1 and _packed_linear_works()
-        if self.packed:   # one (Cout, Cin) weight per transform point, in oneDNN's layout
-            for i in range(u.shape[2]):
-                self.register_buffer(f"u{i}", torch.ops.mkldnn._reorder_linear_weight(
-                    u[:, :, i].contiguous(), max(1, tiles_hint)))
-        else:
-            self.register_buffer("u", u.permute(2, 1, 0).contiguous())      # (a^2, Cin, Cout)
+        u = (g @ weight.detach().double() @ g.T).reshape(cout, cin, self.points).float()
+        # group p of the 1x1 convolution holds U_p: (P * Cout, Cin, 1, 1), point-major
+        self.register_buffer("u", u.permute(2, 0, 1).reshape(-1, cin, 1, 1).contiguous())
         self.cout = cout
         self.register_buffer("kb", torch.kron(bt, bt).float())     # (a^2, a^2)
         self.register_buffer("ka", torch.kron(at, at).float())     # (m^2, a^2)
         self.register_buffer("bias", bias.detach().float().clone())
+        self.reordered = ReorderedWeights((0, 0), (1, 1), (1, 1), self.points)
 
     def _channel_gemms(self, v: torch.Tensor) -> torch.Tensor:
-        """(a^2, T, Cin) -> (a^2, T, Cout)."""
-        if not self.packed:
-            return torch.bmm(v, self.u)
-        linear = torch.ops.mkldnn._linear_pointwise
-        return torch.stack([linear(v[i], getattr(self, f"u{i}"), None, "none", [], "")
-                            for i in range(v.shape[0])])
+        """(T, P, Cin) -> (T, P, Cout): the P GEMMs as one grouped 1x1 convolution."""
+        tiles = v.shape[0]
+        x = v.view(1, tiles, 1, -1).permute(0, 3, 1, 2)      # (1, P*Cin, T, 1), NHWC memory
+        if x.dtype == torch.float32 and _onednn_works():
+            y = torch.ops.mkldnn._convolution_pointwise(
+                x, self.reordered.for_input(self.u, x), None, [0, 0], [1, 1], [1, 1],
+                self.points, "none", [], "")
+        else:
+            y = F.conv2d(x, self.u, groups=self.points)
+        return y.permute(0, 2, 3, 1).reshape(tiles, self.points, self.cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, a = self.m, self.alpha
@@ -235,37 +257,19 @@ class WinogradConv3x3(nn.Module):
         th, tw = -(-h // m), -(-w // m)          # output tiles (output size = input size)
         xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw + 1 - w, 1, m * th + 1 - h))
         s = xp.stride()
-        tiles = xp.as_strided((a, a, n, th, tw, c), (s[1], s[2], s[0], m * s[1], m * s[2], s[3]))
-        v = torch.mm(self.kb, tiles.reshape(a * a, -1)).view(a * a, n * th * tw, c)
-        y = torch.mm(self.ka, self._channel_gemms(v).view(a * a, -1))
-        y = y.view(m * m, n * th * tw, cout).add_(self.bias)
+        tiles = xp.as_strided((n, th, tw, a, a, c), (s[0], m * s[1], m * s[2], s[1], s[2], s[3]))
+        v = torch.matmul(self.kb, tiles.reshape(n * th * tw, a * a, c))       # (T, P, Cin)
+        y = torch.matmul(self.ka, self._channel_gemms(v)).add_(self.bias)    # (T, m^2, Cout)
         y = F.leaky_relu_(y, 0.1) if self.activation == "leaky" else self.act(y)
         out = torch.empty((n, th, m, tw, m, cout), dtype=y.dtype, device=y.device)
-        out.copy_(y.view(m, m, n, th, tw, cout).permute(2, 3, 0, 4, 1, 5))
+        out.copy_(y.view(n, th, tw, m, m, cout).permute(0, 1, 3, 2, 4, 5))
         out = out.view(n, m * th, m * tw, cout)
         if m * th != h or m * tw != w:
             out = out[:, :h, :w].contiguous()
         return out.permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        return f"F({self.m}x{self.m},3x3), {self.kb.shape[0]} GEMMs ->{self.cout}, act={self.activation}"
-
-
-_PACKED_OK: bool | None = None
-
-
-def _packed_linear_works() -> bool:
-    """Whether this torch build has oneDNN's packed linear and it agrees with a matmul."""
-    global _PACKED_OK
-    if _PACKED_OK is None:
-        try:
-            w, x = torch.randn(8, 16), torch.randn(5, 16)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 5)
-            got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _PACKED_OK = torch.allclose(got, x @ w.T, atol=1e-5)
-        except (RuntimeError, AttributeError):
-            _PACKED_OK = False
-    return _PACKED_OK
+        return f"F({self.m}x{self.m},3x3), {self.points} GEMMs ->{self.cout}, act={self.activation}"
 
 
 def winograd_applies(layer: Convolutional, in_channels: int) -> bool:
@@ -287,24 +291,26 @@ def _conv_kernel(layer: Convolutional, in_shape: tuple[int, int, int],
         direct = OneDnnConvAct(weight, bias, layer.conv, layer.activation_name)
     if cpu and options.winograd and heavy and winograd_applies(layer, in_shape[0]):
         m = 4 if min(out_shape[1:]) >= WINOGRAD_F4_MIN_SIZE else 2
-        tiles = -(-out_shape[1] // m) * -(-out_shape[2] // m)
-        winograd = WinogradConv3x3(weight, bias, layer.activation_name, m, tiles)
+        winograd = WinogradConv3x3(weight, bias, layer.activation_name, m)
         return winograd if direct is None else _faster(winograd, direct, in_shape)
     return direct or ConvAct(weight, bias, layer.conv, layer.activation_name)
 
 
 def _faster(first: nn.Module, second: nn.Module, in_shape: tuple[int, int, int],
-            runs: int = 3) -> nn.Module:
+            runs: int = 5, warmup: int = 3) -> nn.Module:
     """`first` (Winograd) when it runs this layer clearly faster here (WINOGRAD_CLEAR_WIN), else
     `second`: timed on a batch-1 input (best of `runs`, interleaved), like cudnn.benchmark; the
-    margin keeps near-ties on the deterministic side instead of flipping with machine noise. Winograd against oneDNN on reordered weights is a toss-up
-    that depends on the shape and the CPU: on two EPYC threads F(2x2) loses 20-25% at 13x13 with
-    512 inputs, wins 25% with 1024, and F(4x4) is within 10% either way."""
+    margin keeps near-ties on the deterministic side instead of flipping with machine noise.
+    Measured on two EPYC (Zen 4) threads, layer alone: F(4x4) takes 50-75% of oneDNN's time
+    from 13x13 to 104x104 with 64-1280 input channels, but F(2x2) at 7x7 with 512 inputs and
+    anything with 32 inputs at 208x208 lose; the layer's place in the network (caches, the
+    thread pool) moves those figures, hence timing rather than a table."""
     x = torch.rand(1, *in_shape).contiguous(memory_format=torch.channels_last)
     best = [math.inf, math.inf]
     with torch.no_grad():
-        for module in (first, second):
-            module(x)  # first call: reorders, allocations
+        for _ in range(warmup):   # reorders; the heap settles only after a call or two
+            for module in (first, second):
+                module(x)
         for _ in range(runs):
             for i, module in enumerate((first, second)):
                 started = time.perf_counter()
@@ -528,6 +534,39 @@ def _optimise_layers(model: Model, options: FastOptions, size: tuple[int, int]) 
             layer.__class__ = FastUpsample
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+MALLOC_MMAP_THRESHOLD = 256 << 20
+MALLOC_TRIM_THRESHOLD = 512 << 20
+_MALLOC_TUNED: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the OS.
+
+    Every CPU forward allocates its activations and Winograd intermediates (1-25 MB each) anew.
+    glibc serves blocks that large with fresh mmaps, so each forward page-faults them in again
+    and gives them back: on two cores 15-35 ms of a 130 ms yolov2-voc forward, and Winograd's
+    1 ms layers turn into 3 ms ones. OpenCV DNN plans its buffers once; PyTorch's CPU tuning
+    guides preload jemalloc or tcmalloc for the same reason. Here glibc is told to serve blocks
+    below MALLOC_MMAP_THRESHOLD from its heap and to keep up to MALLOC_TRIM_THRESHOLD of free
+    heap: the process holds on to memory it used (a forward's worth), which is the trade.
+    Process-wide, once; only where glibc is the C library; DETKIT_SYSTEM_MALLOC=1 leaves
+    malloc alone. Returns whether the settings are in effect.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is None:
+        _MALLOC_TUNED = False
+        name = ctypes.util.find_library("c")
+        if os.environ.get("DETKIT_SYSTEM_MALLOC") != "1" and name and "libc.so" in name:
+            try:
+                mallopt = ctypes.CDLL(name).mallopt
+            except (OSError, AttributeError):   # not glibc (musl has no mallopt)
+                return False
+            _MALLOC_TUNED = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                                 and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+    return _MALLOC_TUNED
+
+
 def optimize_for_inference(model: Model, device: str | torch.device | None = None,
                            half: bool = False, bf16: bool = False, channels_last: bool = True,
                            fold_bn: bool = True, fuse: bool = True, winograd: bool | None = None,
@@ -538,12 +577,15 @@ def optimize_for_inference(model: Model, device: str | torch.device | None = Non
     `half`/`bf16` apply on CUDA only (a warning and float32 elsewhere). `winograd` (CPU) and
     `cuda_graphs` (CUDA) default to on for their device. `size` (w, h) is the input size the
     per-layer kernel choice is tuned for (default: the cfg's); any other size still works.
-    On CUDA this turns on cudnn.benchmark (process-wide): fixed shapes are the common case.
+    Process-wide effects: on CUDA cudnn.benchmark (fixed shapes are the common case), on the
+    CPU glibc's malloc keeps freed memory for reuse (`retain_freed_memory`).
     """
     device = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
     options = _resolve_options(device, half, bf16, channels_last, fold_bn, fuse, winograd,
                                cuda_graphs, compile)
+    if device.type == "cpu":
+        retain_freed_memory()   # before the kernels are timed, so they are timed as they will run
     fast = copy.deepcopy(model).eval()
     _optimise_layers(fast, options, size or model.input_size)
     fast.__class__ = InferenceModel

@@ -7,6 +7,7 @@ GPU (marked, skipped without CUDA): float16/bfloat16 and CUDA graphs.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -49,8 +50,8 @@ def _conv(filters: int, size: int = 3, stride: int = 1, bn: int = 1, act: str = 
             f"stride={stride}\npad=1\nactivation={act}\n")
 
 
-# Small nets with every layer kind of the YOLOs and enough channels (>= 128) for the Winograd
-# kernels at both tile sizes: shortcut, upsample, route, two [yolo]; reorg, [region].
+# Small nets with every layer kind of the YOLOs and enough channels (>= 64) for the Winograd
+# kernels at both tile sizes (mini-region at 64x64): shortcut, upsample, route, two [yolo]; reorg, [region].
 MINI_YOLO = ("[net]\nwidth=96\nheight=96\nchannels=3\n" + _conv(16) + "[maxpool]\nsize=2\nstride=2\n"
              + _conv(128) + _conv(128) + _conv(64, 1) + _conv(128) + "[shortcut]\nfrom=-3\n"
              + "[maxpool]\nsize=2\nstride=2\n" + _conv(192) + "[maxpool]\nsize=2\nstride=1\n"
@@ -104,7 +105,7 @@ def assert_same_detections(expected: list[torch.Tensor], got: list[torch.Tensor]
 
 # -- CPU: fp32 folding / channels-last / fused / Winograd ----------------------------------------
 
-@pytest.mark.parametrize("name,size", [("mini-yolo", 96), ("mini-yolo", 160),
+@pytest.mark.parametrize("name,size", [("mini-yolo", 96), ("mini-yolo", 160), ("mini-region", 64),
                                        ("mini-region", 128), ("yolov3-tiny", 160)])
 def test_every_layer_equals_eager(name, size):
     model = random_model(name, size)
@@ -125,7 +126,8 @@ def test_the_kernels_are_the_fast_ones(monkeypatch):
     model = random_model("mini-region", 128)
     timed = []
     monkeypatch.setattr(detkit.fast, "_faster", lambda a, b, shape: timed.append(shape) or a)
-    fast = optimize_for_inference(model, "cpu")  # Winograd wherever it is a candidate
+    # Winograd wherever it is a candidate; at 64x64 the maps are 32, 16 and 8: F(4x4) and F(2x2)
+    fast = optimize_for_inference(model, "cpu", size=(64, 64))
     kinds = {type(layer.conv).__name__ for layer in fast.layers if isinstance(layer, Convolutional)}
     assert kinds == {"OneDnnConvAct", "WinogradConv3x3"} and timed
     assert {m.m for m in fast.modules() if isinstance(m, WinogradConv3x3)} == {2, 4}
@@ -173,23 +175,28 @@ def test_folding_uses_darknets_eval_formula():
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("hw", [(13, 13), (26, 20), (8, 9)])
 @pytest.mark.parametrize("activation", ["leaky", "linear", "logistic"])
-@pytest.mark.parametrize("threads", [1, 2])   # packed oneDNN linears / one bmm
-def test_winograd_equals_direct_convolution(m, hw, activation, threads):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("onednn", [True, False])   # oneDNN's grouped 1x1 conv / F.conv2d
+def test_winograd_equals_direct_convolution(m, hw, activation, threads, onednn, monkeypatch):
     from detkit.layers.activations import ACTIVATIONS
 
     torch.set_num_threads(threads)
+    if not onednn:
+        monkeypatch.setattr(detkit.fast, "_onednn_works", lambda: False)
 
     gen = torch.Generator().manual_seed(m * 100 + hw[0])
     weight = torch.randn(48, 32, 3, 3, generator=gen) / 17
     bias = torch.randn(48, generator=gen)
     x = torch.randn(2, 32, *hw, generator=gen).contiguous(memory_format=torch.channels_last)
     kernel = WinogradConv3x3(weight, bias, activation, m)
-    assert kernel.packed == (threads == 1)
     got = kernel(x)
     expected = ACTIVATIONS[activation](F.conv2d(x, weight, bias, padding=1))
     assert got.shape == expected.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(expected, got) < 1e-5
+    assert bool(kernel.reordered.by_key) == (onednn and detkit.fast._PREPACK_OK)
+    copied = copy.deepcopy(kernel)   # reordered oneDNN weights do not deep-copy: reordered anew
+    assert not copied.reordered.by_key and torch.equal(copied(x), got)
 
 
 def test_the_faster_candidate_is_kept():
@@ -278,3 +285,35 @@ def test_cuda_graphs_equal_eager_on_the_gpu():
             torch.testing.assert_close(graphed(x), eager(x), rtol=1e-4, atol=1e-3)
         assert len(graphed._runner.graphs) == 2
         torch.testing.assert_close(graphed(x), graphed(x.clone()), rtol=1e-5, atol=1e-4)
+
+
+_FAULTS_SCRIPT = """
+import resource, torch
+from detkit.fast import retain_freed_memory
+tuned = retain_freed_memory()
+for _ in range(5):  # warm-up: the heap settles after a few rounds
+    torch.empty(10 << 20).fill_(1)                 # 40 MB, more than glibc's adaptive mmap limit
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.empty(10 << 20).fill_(1)
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_freed_memory_is_reused_without_page_faults():
+    """The fast path's malloc setting: a 40 MB block freed and allocated again costs no page
+    faults (glibc alone maps it anew each time: 10,000 faults per 40 MB); opt-out honoured."""
+    import os
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True,
+                             text=True, check=True, env={**os.environ, **env}).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    tuned, faults = run()
+    if not tuned:
+        pytest.skip("the C library is not glibc")
+    untouched, system_faults = run(DETKIT_SYSTEM_MALLOC="1")
+    assert not untouched
+    assert faults < 500 and system_faults > 5 * 9000, (faults, system_faults)
