@@ -571,16 +571,19 @@ def retain_freed_memory() -> bool:
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED is None:
-        _MALLOC_TUNED = False
-        name = ctypes.util.find_library("c")
-        if os.environ.get("DETKIT_SYSTEM_MALLOC") != "1" and name and "libc.so" in name:
-            try:
-                mallopt = ctypes.CDLL(name).mallopt
-            except (OSError, AttributeError):   # not glibc (musl has no mallopt)
-                return False
-            _MALLOC_TUNED = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-                                 and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+        _MALLOC_TUNED = os.environ.get("DETKIT_SYSTEM_MALLOC") != "1" and _set_malloc_thresholds()
     return _MALLOC_TUNED
+
+
+def _set_malloc_thresholds() -> bool:
+    """glibc's mallopt with the two thresholds; False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name and "libc.so" in name else None
+    except (OSError, AttributeError):   # musl and others: no mallopt
+        mallopt = None
+    return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def optimize_for_inference(model: Model, device: str | torch.device | None = None,
