@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .errors import DetkitError
 from .layers.activations import ACTIVATIONS
 from .layers.conv import Convolutional
@@ -55,13 +56,16 @@ _ONEDNN_ATTRS: dict[str, tuple[str, list[float]]] = {
     "leaky": ("leaky_relu", [0.1]),
     "swish": ("swish", []),
 }
-# Below 64 input channels the transforms cost more than the FLOPs they save (32->64 at 208x208:
-# 27 ms against oneDNN's 7).
-WINOGRAD_MIN_CHANNELS = 64
+# Below this many input channels the transforms cost more than the FLOPs they save. With the
+# native transforms (detkit.native) 32->64 at 104x104 takes 1.6 ms against oneDNN's 2.0 and
+# 16->32 at 208x208 loses (4.7 against 2.3); as PyTorch ops 32->64 at 208x208 took 27 ms
+# against 7, hence 64 there.
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_CHANNELS_OPS = 64
 WINOGRAD_F4_MIN_SIZE = 12     # F(4x4,3x3) from this output size up, F(2x2,3x3) below
-# Winograd runs about ten ops where oneDNN runs one, and every op wakes the thread pool (tens of
-# microseconds on a VM, more on a shared CPU): only layers this heavy (direct FLOPs = 2 x MACs
-# at the tuned input size) gain more than they lose.
+# Winograd runs three ops where oneDNN runs one (ten as PyTorch ops), and every op wakes the
+# thread pool (tens of microseconds on a VM, more on a shared CPU): only layers this heavy
+# (direct FLOPs = 2 x MACs at the tuned input size) gain more than they lose.
 WINOGRAD_MIN_GFLOPS = 0.3
 WINOGRAD_CLEAR_WIN = 0.9       # Winograd is kept only when it takes under 90% of oneDNN's time
 MAX_PACKED_SHAPES = 8         # CPU: oneDNN-reordered weights kept per conv (one per input shape)
@@ -255,6 +259,19 @@ class WinogradConv3x3(nn.Module):
         return y.permute(0, 2, 3, 1).reshape(tiles, self.points, self.cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        library = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if library is None:
+            return self._forward_ops(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        activation = self.activation if self.activation in native.ACTIVATION_CODES else "linear"
+        mm = self._channel_gemms(native.winograd_input(library, x, self.m))
+        n, _, h, w = x.shape
+        y = native.winograd_output(library, mm.contiguous(), (n, self.cout, h, w), self.m,
+                                   activation)
+        return y if activation == self.activation else self.act(y)
+
+    def _forward_ops(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution in PyTorch ops, where the native transforms are not built."""
         m, a = self.m, self.alpha
         n, c, h, w = x.shape
         cout = self.cout
@@ -292,7 +309,11 @@ def winograd_applies(layer: Convolutional, in_channels: int) -> bool:
     conv = layer.conv
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1
-            and in_channels >= WINOGRAD_MIN_CHANNELS and layer.filters >= 64)
+            and in_channels >= _winograd_min_channels() and layer.filters >= 64)
+
+
+def _winograd_min_channels() -> int:
+    return WINOGRAD_MIN_CHANNELS if native.kernels() is not None else WINOGRAD_MIN_CHANNELS_OPS
 
 
 def _conv_kernel(layer: Convolutional, in_shape: tuple[int, int, int],
@@ -373,10 +394,12 @@ class FoldedActivation(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class FastMaxPool(MaxPool):
-    """Darknet maxpool without the -inf padding copy when no output window reaches it.
+    """Darknet maxpool in one pass, without the -inf padding copy.
 
-    Darknet pads size-1 in total, p//2 before; for the common 2x2/2 pool on even sizes the
-    windows never touch the padding, so the pad is skipped (bit-identical result).
+    On the CPU in float32 that is the native kernel (detkit.native: one pass and one parallel
+    region, pixels outside the map skipped). Elsewhere: darknet pads size-1 in total, p//2
+    before; where no window reaches the padding (the common 2x2/2 pool on even sizes) it is
+    skipped. Both are bit-identical to the padded pool.
     """
 
     def forward(self, x: torch.Tensor, outputs: list) -> torch.Tensor:
@@ -384,6 +407,10 @@ class FastMaxPool(MaxPool):
         h, w = x.shape[2], x.shape[3]
         out_h = (h + p - self.size) // self.stride + 1
         out_w = (w + p - self.size) // self.stride + 1
+        library = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if library is not None and out_h > 0 and out_w > 0:
+            return native.maxpool(library, x.contiguous(memory_format=torch.channels_last),
+                                  self.size, self.stride, before, (out_h, out_w))
         last_h = (out_h - 1) * self.stride - before + self.size
         last_w = (out_w - 1) * self.stride - before + self.size
         if before == 0 and last_h <= h and last_w <= w:

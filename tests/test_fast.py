@@ -107,7 +107,7 @@ def assert_same_detections(expected: list[torch.Tensor], got: list[torch.Tensor]
 
 @pytest.mark.parametrize("name,size", [("mini-yolo", 96), ("mini-yolo", 160), ("mini-region", 64),
                                        ("mini-region", 128), ("yolov3-tiny", 160)])
-def test_every_layer_equals_eager(name, size):
+def test_every_layer_equals_eager(name, size, native_kernels):
     model = random_model(name, size)
     fast = optimize_for_inference(model, "cpu", size=(size, size))
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -172,22 +172,49 @@ def test_folding_uses_darknets_eval_formula():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=[True, False], ids=["native", "torch-ops"])
+def native_kernels(request, monkeypatch):
+    """The fast path with the native kernels (detkit.native) and with their PyTorch-op
+    fallback, as on a machine without a C compiler."""
+    import detkit.native
+
+    if request.param:
+        if detkit.native.kernels() is None:
+            pytest.skip("native kernels not built here (no C compiler?)")
+    else:
+        monkeypatch.setattr(detkit.native, "kernels", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("hw", [(13, 13), (26, 20), (8, 9)])
 @pytest.mark.parametrize("activation", ["leaky", "linear", "logistic"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("onednn", [True, False])   # oneDNN's grouped 1x1 conv / F.conv2d
-def test_winograd_equals_direct_convolution(m, hw, activation, threads, onednn, monkeypatch):
+@pytest.mark.parametrize("channels", [(32, 48), (20, 36)])   # 16-channel blocks, and tails
+def test_winograd_equals_direct_convolution(m, hw, activation, threads, onednn, channels,
+                                            native_kernels, monkeypatch):
+    check_winograd(m, hw, activation, threads, onednn, channels, monkeypatch)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("activation", ["relu", "mish"])   # native code; applied after the kernel
+def test_winograd_other_activations(m, activation, native_kernels, monkeypatch):
+    check_winograd(m, (13, 11), activation, 2, True, (32, 48), monkeypatch)
+
+
+def check_winograd(m, hw, activation, threads, onednn, channels, monkeypatch):
     from detkit.layers.activations import ACTIVATIONS
 
     torch.set_num_threads(threads)
     if not onednn:
         monkeypatch.setattr(detkit.fast, "_onednn_works", lambda: False)
 
+    cin, cout = channels
     gen = torch.Generator().manual_seed(m * 100 + hw[0])
-    weight = torch.randn(48, 32, 3, 3, generator=gen) / 17
-    bias = torch.randn(48, generator=gen)
-    x = torch.randn(2, 32, *hw, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 3, 3, generator=gen) / 17
+    bias = torch.randn(cout, generator=gen)
+    x = torch.randn(2, cin, *hw, generator=gen).contiguous(memory_format=torch.channels_last)
     kernel = WinogradConv3x3(weight, bias, activation, m)
     got = kernel(x)
     expected = ACTIVATIONS[activation](F.conv2d(x, weight, bias, padding=1))
@@ -213,17 +240,26 @@ def test_the_faster_candidate_is_kept():
     assert _faster(slow, quick, (3, 8, 8)) is quick and _faster(quick, slow, (3, 8, 8)) is quick
 
 
-@pytest.mark.parametrize("size,stride", [(2, 2), (2, 1), (3, 1), (3, 2), (5, 1)])
-@pytest.mark.parametrize("hw", [(13, 13), (26, 26), (15, 10), (14, 20)])
-def test_fast_maxpool_equals_darknets(size, stride, hw):
+@pytest.mark.parametrize("size,stride,padding", [(2, 2, None), (2, 1, None), (3, 1, None),
+                                                 (3, 2, None), (5, 1, None), (2, 2, 0),
+                                                 (3, 2, 4), (5, 5, 6)])
+@pytest.mark.parametrize("hw", [(13, 13), (26, 26), (15, 10), (14, 20), (3, 2)])
+@pytest.mark.parametrize("channels", [4, 37])   # the native kernel: tail only; blocks + tail
+def test_fast_maxpool_equals_darknets(size, stride, padding, hw, channels, native_kernels):
     from detkit.model import model_from_text
 
-    model = model_from_text(f"[net]\nwidth={hw[1]}\nheight={hw[0]}\nchannels=4\n"
-                            f"[maxpool]\nsize={size}\nstride={stride}\n")
+    pad = "" if padding is None else f"padding={padding}\n"
+    model = model_from_text(f"[net]\nwidth={hw[1]}\nheight={hw[0]}\nchannels={channels}\n"
+                            f"[maxpool]\nsize={size}\nstride={stride}\n{pad}")
+    if min(model.layers[0].out_shape((channels, *hw), [])[1:]) < 1:
+        pytest.skip("no output pixel")
     fast = optimize_for_inference(model, "cpu", channels_last=False)
     assert isinstance(fast.layers[0], FastMaxPool) and type(model.layers[0]) is MaxPool
-    x = torch.randn(2, 4, *hw)
-    assert torch.equal(fast.layers[0](x, []), model.layers[0](x, []))
+    x = torch.randn(2, channels, *hw)
+    got = fast.layers[0](x, [])
+    assert torch.equal(got, model.layers[0](x, []))
+    if native_kernels:
+        assert got.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_detections_equal_eager_with_the_official_weights(tiny_weights):
@@ -317,3 +353,37 @@ def test_freed_memory_is_reused_without_page_faults():
     untouched, system_faults = run(DETKIT_SYSTEM_MALLOC="1")
     assert not untouched
     assert faults < 500 and system_faults > 5 * 9000, (faults, system_faults)
+
+
+def test_native_kernels_build_once_and_share_torchs_openmp(tmp_path, monkeypatch):
+    """Built into the cache directory once (a second process reuses the file), and bound to the
+    libgomp torch loaded: one OpenMP runtime, one thread pool."""
+    import detkit.native as native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("DETKIT_CACHE", str(tmp_path))
+    built = native._build(native._compiler())
+    assert built.parent == tmp_path and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert native._build(native._compiler()) == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]   # no partial files left
+    native._bind(built)
+    gomps = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(gomps) == 1, gomps
+
+
+def test_native_kernels_fall_back_without_a_compiler(tmp_path, monkeypatch, caplog):
+    import detkit.native as native
+
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setenv("DETKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level("WARNING", logger="detkit"):
+        assert native.kernels() is None
+    assert "native kernels not built" in caplog.text
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setenv("DETKIT_NATIVE", "0")
+    monkeypatch.delenv("CC")
+    assert native.kernels() is None and not list(tmp_path.iterdir())

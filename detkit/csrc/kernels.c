@@ -1,0 +1,212 @@
+/* Native kernels of detkit's CPU fast path (detkit/native.py): Winograd F(m x m, 3 x 3)
+ * transforms and darknet's maxpool.
+ *
+ * Activations are channels-last (NHWC) float32. The input transform gathers each (m+2)^2 tile,
+ * zero-padded by 1 at the map's top/left (and as far as needed at the bottom/right), and writes
+ * V = B^T d B as (tile, point, channel); the channel GEMMs run elsewhere (oneDNN); the output
+ * transform reads M as (tile, point, channel), computes A^T M A, applies the activation and
+ * writes the m x m pixels that lie inside the map. Each transform is one pass over memory and
+ * one OpenMP parallel region, where the same work as PyTorch ops takes four to five of each.
+ *
+ * Only GOMP_parallel and omp_get_{thread_num,num_threads} are used (static schedule), so the
+ * library binds to the libgomp that torch has already loaded (same soname, same thread pool).
+ */
+#include <omp.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define VL 16 /* channels per block: one AVX-512 register of float32 */
+
+static const float BT4[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+static const float AT4[4][6] = {
+    {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+static const float BT2[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+static const float AT2[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+
+enum { ACT_LINEAR = 0, ACT_LEAKY = 1, ACT_RELU = 2, ACT_LOGISTIC = 3 };
+
+/* GCC vector types: the compiler emits SIMD code for them whatever its cost model says. */
+typedef float vec __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t ivec __attribute__((vector_size(VL * sizeof(int32_t))));
+
+/* Split `total` items evenly over the team; [*begin, *end) is this thread's share. */
+static void share(int64_t total, int64_t *begin, int64_t *end) {
+    int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t chunk = total / threads, extra = total % threads;
+    *begin = me * chunk + (me < extra ? me : extra);
+    *end = *begin + chunk + (me < extra ? 1 : 0);
+}
+
+/* `width` (<= VL) channels from memory; the lanes past them are zero. */
+static inline vec load(const float *src, int64_t width) {
+    vec value = {0};
+    if (width == VL) memcpy(&value, src, sizeof value);
+    else memcpy(&value, src, width * sizeof(float));
+    return value;
+}
+
+static inline void store(float *dst, vec value, int64_t width) {
+    if (width == VL) memcpy(dst, &value, sizeof value);
+    else memcpy(dst, &value, width * sizeof(float));
+}
+
+/* a if a > b else b, branch-free (a select on a compare mask); NaNs are not propagated */
+static inline vec select_max(vec a, vec b) {
+    const ivec keep = a > b;
+    return (vec)(((ivec)a & keep) | ((ivec)b & ~keep));
+}
+
+static inline vec activate(vec value, int act) {
+    switch (act) {
+    case ACT_LEAKY: return select_max(value, value * 0.1f);
+    case ACT_RELU: return select_max(value, (vec){0});
+    case ACT_LOGISTIC:
+        for (int l = 0; l < VL; l++) value[l] = 1.0f / (1.0f + expf(-value[l]));
+        return value;
+    default: return value;
+    }
+}
+
+/* OUT[i][j] = sum over k of COEF * TERM (i < R, j < COLS, k < K), COEF an entry of a constant
+ * matrix: the loops unroll, so its zero coefficients cost nothing. */
+#define COMBINE(OUT, R, COLS, K, COEF, TERM)                                                     \
+    _Pragma("GCC unroll 8") for (int i = 0; i < R; i++)                                         \
+        _Pragma("GCC unroll 8") for (int j = 0; j < COLS; j++) {                                \
+        vec acc = {0};                                                                           \
+        _Pragma("GCC unroll 8") for (int k = 0; k < K; k++) if (COEF != 0.0f) acc +=            \
+            COEF * TERM;                                                                         \
+        OUT[i][j] = acc;                                                                         \
+    }
+
+/* The 1-D transform T (R x K) along a tile's rows, then its columns: OUT = T IN T^T for IN
+ * (K x K) -> OUT (R x R), TMP (R x K). */
+#define TRANSFORM_2D(OUT, TMP, T, IN, R, K)                                                      \
+    COMBINE(TMP, R, K, K, T[i][k], IN[k][j])                                                     \
+    COMBINE(OUT, R, R, K, T[j][k], TMP[i][k])
+
+/* One work item: tile `tile` (of n x th x tw) and channel block `block`. */
+#define TILE_ITEM(M)                                                                             \
+    const int64_t block = item % blocks, tile = item / blocks;                                   \
+    const int64_t tx = tile % tw, ty = (tile / tw) % th, b = tile / (tw * th);                   \
+    const int64_t c0 = block * VL, width = c - c0 < VL ? c - c0 : VL;                            \
+    (void)b; (void)tx; (void)ty
+
+#define DEFINE_INPUT_TRANSFORM(NAME, A, M, BT)                                                   \
+    static void NAME(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, float *v,       \
+                     int threads) {                                                              \
+        const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, blocks = (c + VL - 1) / VL;   \
+        _Pragma("omp parallel num_threads(threads)") {                                           \
+            int64_t begin, end;                                                                  \
+            share(n * th * tw * blocks, &begin, &end);                                           \
+            for (int64_t item = begin; item < end; item++) {                                     \
+                TILE_ITEM(M);                                                                    \
+                vec d[A][A], t[A][A], u[A][A];                                                   \
+                for (int i = 0; i < A; i++) {                                                    \
+                    const int64_t yy = ty * M - 1 + i;                                           \
+                    for (int j = 0; j < A; j++) {                                                \
+                        const int64_t xx = tx * M - 1 + j;                                       \
+                        const int inside = yy >= 0 && yy < h && xx >= 0 && xx < w;              \
+                        d[i][j] = inside ? load(x + ((b * h + yy) * w + xx) * c + c0, width)    \
+                                         : (vec){0};                                             \
+                    }                                                                            \
+                }                                                                                \
+                TRANSFORM_2D(u, t, BT, d, A, A)                                                  \
+                float *out = v + tile * (A * A) * c + c0;                                        \
+                for (int i = 0; i < A; i++)                                                      \
+                    for (int j = 0; j < A; j++) store(out + (i * A + j) * c, u[i][j], width);    \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+DEFINE_INPUT_TRANSFORM(input_f4, 6, 4, BT4)
+DEFINE_INPUT_TRANSFORM(input_f2, 4, 2, BT2)
+
+#define DEFINE_OUTPUT_TRANSFORM(NAME, A, M, AT)                                                  \
+    static void NAME(const float *mm, int64_t n, int64_t h, int64_t w, int64_t c, int act,       \
+                     float *y, int threads) {                                                    \
+        const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, blocks = (c + VL - 1) / VL;   \
+        _Pragma("omp parallel num_threads(threads)") {                                           \
+            int64_t begin, end;                                                                  \
+            share(n * th * tw * blocks, &begin, &end);                                           \
+            for (int64_t item = begin; item < end; item++) {                                     \
+                TILE_ITEM(M);                                                                    \
+                const float *in = mm + tile * (A * A) * c + c0;                                  \
+                vec p[A][A], t[M][A], o[M][M];                                                   \
+                for (int i = 0; i < A; i++)                                                      \
+                    for (int j = 0; j < A; j++) p[i][j] = load(in + (i * A + j) * c, width);     \
+                TRANSFORM_2D(o, t, AT, p, M, A)                                                  \
+                for (int i = 0; i < M && ty * M + i < h; i++)                                    \
+                    for (int j = 0; j < M && tx * M + j < w; j++)                                \
+                        store(y + ((b * h + ty * M + i) * w + tx * M + j) * c + c0,              \
+                              activate(o[i][j], act), width);                                    \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+DEFINE_OUTPUT_TRANSFORM(output_f4, 6, 4, AT4)
+DEFINE_OUTPUT_TRANSFORM(output_f2, 4, 2, AT2)
+
+/* x: (n, h, w, c) -> v: (n * ceil(h/m) * ceil(w/m), (m+2)^2, c). Returns 0, or -1 for bad m. */
+int detkit_winograd_input(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int m,
+                          float *v, int threads) {
+    if (m == 4) input_f4(x, n, h, w, c, v, threads);
+    else if (m == 2) input_f2(x, n, h, w, c, v, threads);
+    else return -1;
+    return 0;
+}
+
+/* mm: (tiles, (m+2)^2, c) -> y: (n, h, w, c), activation applied. Returns 0, or -1. */
+int detkit_winograd_output(const float *mm, int64_t n, int64_t h, int64_t w, int64_t c, int m,
+                           int act, float *y, int threads) {
+    if (act < ACT_LINEAR || act > ACT_LOGISTIC) return -1;
+    if (m == 4) output_f4(mm, n, h, w, c, act, y, threads);
+    else if (m == 2) output_f2(mm, n, h, w, c, act, y, threads);
+    else return -1;
+    return 0;
+}
+
+/* Darknet maxpool on (n, h, w, c): window `size`, `stride`, starting `before` pixels above and
+ * left of the map; pixels outside the map are skipped (darknet's -inf padding). y is
+ * (n, out_h, out_w, c); a window with no pixel inside the map gives -inf. */
+int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int size,
+                   int stride, int before, int64_t out_h, int64_t out_w, float *y, int threads) {
+    if (size < 1 || stride < 1) return -1;
+    const int64_t rows = n * out_h;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t begin, end;
+        share(rows, &begin, &end);
+        for (int64_t row = begin; row < end; row++) {
+            const int64_t oy = row % out_h, b = row / out_h;
+            const int64_t y0 = oy * stride - before;
+            const int64_t ky0 = y0 < 0 ? -y0 : 0, ky1 = y0 + size > h ? h - y0 : size;
+            float *dst = y + row * out_w * c;
+            for (int64_t ox = 0; ox < out_w; ox++, dst += c) {
+                const int64_t x0 = ox * stride - before;
+                const int64_t kx0 = x0 < 0 ? -x0 : 0, kx1 = x0 + size > w ? w - x0 : size;
+                int64_t c0 = 0;
+                for (; c0 + VL <= c; c0 += VL) {
+                    vec best = (vec){0} - INFINITY;
+                    for (int64_t ky = ky0; ky < ky1; ky++) {
+                        const float *src = x + ((b * h + y0 + ky) * w + x0) * c + c0;
+                        for (int64_t kx = kx0; kx < kx1; kx++)
+                            best = select_max(best, load(src + kx * c, VL));
+                    }
+                    store(dst + c0, best, VL);
+                }
+                for (; c0 < c; c0++) {
+                    float best = -INFINITY;
+                    for (int64_t ky = ky0; ky < ky1; ky++)
+                        for (int64_t kx = kx0; kx < kx1; kx++) {
+                            const float value = x[((b * h + y0 + ky) * w + x0 + kx) * c + c0];
+                            best = value > best ? value : best;
+                        }
+                    dst[c0] = best;
+                }
+            }
+        }
+    }
+    return 0;
+}

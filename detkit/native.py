@@ -1,0 +1,167 @@
+"""Native kernels of the CPU fast path, compiled on first use with the system C compiler.
+
+Winograd's input and output transforms as PyTorch ops take four to five passes over memory and
+as many OpenMP parallel regions per layer (pad, tile copy, transform matmul; transform matmul,
+activation, crop). With passive OpenMP waiting every region wakes the thread pool, and on a
+light layer (0.4 GFLOP) those wake-ups and passes cost more than Winograd saves. The C versions
+(detkit/csrc/kernels.c) do each transform in one pass and one region; so does darknet's maxpool
+(two strided maxima, or pad + max_pool2d, as PyTorch ops).
+
+The library is built once per source, compiler and CPU (`-O3 -march=native -fopenmp`) into
+detkit's cache directory ($DETKIT_CACHE, else $XDG_CACHE_HOME/detkit or ~/.cache/detkit) and
+bound to the libgomp torch has already loaded. Without a C compiler, or with DETKIT_NATIVE=0,
+`kernels()` returns None and the fast path uses the PyTorch ops instead: same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("detkit")
+
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+ACTIVATION_CODES = {"linear": 0, "leaky": 1, "relu": 2, "logistic": 3}
+# Below this many elements a transform runs on the calling thread alone: waking the pool costs
+# more than the second thread saves (PyTorch's own grain size for elementwise ops).
+PARALLEL_MIN_ELEMENTS = 32768
+
+_LIBRARY: ctypes.CDLL | None = None
+_TRIED = False
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept between processes."""
+    if os.environ.get("DETKIT_CACHE"):
+        return Path(os.environ["DETKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "detkit"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build_key(compiler: str) -> str:
+    """Source, compiler version, flags and the CPU's instruction sets (-march=native)."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    digest.update(version.stdout.encode() + " ".join(FLAGS).encode())
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+        digest.update(flags.encode())
+    except (OSError, StopIteration):
+        pass
+    return digest.hexdigest()[:16]
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, built now if this source/compiler/CPU has none cached yet."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / f"detkit-{os.getuid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"kernels-{_build_key(compiler)}.so"
+    if not target.is_file():
+        # built under a unique name, then renamed: processes started together (DDP) never
+        # load a half-written file
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(handle)
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True,
+                           capture_output=True, text=True, timeout=300)
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.detkit_winograd_input.argtypes = [pointer, size, size, size, size, ctypes.c_int,
+                                              pointer, ctypes.c_int]
+    library.detkit_winograd_output.argtypes = [pointer, size, size, size, size, ctypes.c_int,
+                                               ctypes.c_int, pointer, ctypes.c_int]
+    library.detkit_maxpool.argtypes = [pointer, size, size, size, size, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, size, size, pointer, ctypes.c_int]
+    for function in (library.detkit_winograd_input, library.detkit_winograd_output,
+                     library.detkit_maxpool):
+        function.restype = ctypes.c_int
+    return library
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The native kernels, or None where they cannot be built (logged once)."""
+    global _LIBRARY, _TRIED
+    if _TRIED:
+        return _LIBRARY
+    _TRIED = True
+    if os.environ.get("DETKIT_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler: the fast path runs PyTorch ops instead of native kernels (slower)")
+        return None
+    try:
+        _LIBRARY = _bind(_build(compiler))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("native kernels not built (%s): using PyTorch ops", detail)
+    return _LIBRARY
+
+
+def _threads(elements: int) -> int:
+    return torch.get_num_threads() if elements >= PARALLEL_MIN_ELEMENTS else 1
+
+
+def winograd_input(library: ctypes.CDLL, x: torch.Tensor, m: int) -> torch.Tensor:
+    """V (tiles, (m+2)^2, C) of a channels-last float32 CPU map x (N, C, H, W)."""
+    n, c, h, w = x.shape
+    tiles = n * -(-h // m) * -(-w // m)
+    v = torch.empty((tiles, (m + 2) ** 2, c), dtype=x.dtype)
+    status = library.detkit_winograd_input(x.data_ptr(), n, h, w, c, m, v.data_ptr(),
+                                           _threads(v.numel()))
+    if status != 0:
+        raise ValueError(f"native Winograd input transform: bad m={m}")
+    return v
+
+
+def winograd_output(library: ctypes.CDLL, mm: torch.Tensor, shape: tuple[int, int, int, int],
+                    m: int, activation: str) -> torch.Tensor:
+    """act(A^T M A) as a channels-last (N, C, H, W) map, from M (tiles, (m+2)^2, C)."""
+    n, c, h, w = shape
+    y = torch.empty((n, c, h, w), dtype=mm.dtype, memory_format=torch.channels_last)
+    status = library.detkit_winograd_output(mm.data_ptr(), n, h, w, c, m,
+                                            ACTIVATION_CODES[activation], y.data_ptr(),
+                                            _threads(mm.numel()))
+    if status != 0:
+        raise ValueError(f"native Winograd output transform: bad m={m} or {activation}")
+    return y
+
+
+def maxpool(library: ctypes.CDLL, x: torch.Tensor, size: int, stride: int, before: int,
+            out_hw: tuple[int, int]) -> torch.Tensor:
+    """Darknet's maxpool (pixels outside the map skipped, as under its -inf padding) of a
+    channels-last float32 CPU map x (N, C, H, W), channels-last out."""
+    n, c, h, w = x.shape
+    out_h, out_w = out_hw
+    y = torch.empty((n, c, out_h, out_w), dtype=x.dtype, memory_format=torch.channels_last)
+    status = library.detkit_maxpool(x.data_ptr(), n, h, w, c, size, stride, before, out_h, out_w,
+                                    y.data_ptr(), _threads(x.numel()))
+    if status != 0:
+        raise ValueError(f"native maxpool: bad size {size} or stride {stride}")
+    return y
