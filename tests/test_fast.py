@@ -140,6 +140,22 @@ def test_the_kernels_are_the_fast_ones(monkeypatch):
                if isinstance(layer, Convolutional) and layer.batch_normalize)
 
 
+def test_weights_are_reordered_once_at_the_tuned_size():
+    """The kernel timing reorders the weights for oneDNN; the copy's conversion to channels-last
+    must not replace them (a forward would reorder again and keep both copies)."""
+    if not detkit.fast._onednn_works() or not detkit.fast._PREPACK_OK:
+        pytest.skip("this torch build has no oneDNN weight prepacking")
+    fast = optimize_for_inference(random_model("mini-region", 64), "cpu", size=(64, 64))
+    caches = [m.reordered for m in fast.modules() if hasattr(m, "reordered")]
+    assert caches and any(isinstance(m, WinogradConv3x3) for m in fast.modules())
+    timed = [c for c in caches if c.by_key]     # the layers with a Winograd candidate
+    before = [{k: id(v[1]) for k, v in c.by_key.items()} for c in timed]
+    with torch.inference_mode():
+        fast(torch.rand(1, 3, 64, 64))
+    assert timed and [{k: id(v[1]) for k, v in c.by_key.items()} for c in timed] == before
+    assert all(len(c.by_key) == 1 for c in caches)
+
+
 def test_the_callers_model_is_untouched_and_the_copy_is_inference_only():
     model = random_model("mini-yolo", 96)
     before = {k: v.clone() for k, v in model.state_dict().items()}
