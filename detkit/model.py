@@ -158,6 +158,12 @@ class Model(nn.Module):
             uses_output = is_head and getattr(layer, "loss_uses_output", False)
             if is_head and not uses_output:
                 head_inputs.append(x)
+            if is_head and not self.training and not keep_all and getattr(layer, "fuses_decode",
+                                                                         False):
+                # an inference head that decodes its logits in one pass; nothing reads its
+                # activated output (detkit.fast sets fuses_decode only then)
+                decoded.append(layer.decode_logits(x, outputs, net_hw))
+                continue
             x = layer(x, outputs)
             if uses_output:
                 head_inputs.append(x)

@@ -4,8 +4,9 @@ Winograd's input and output transforms as PyTorch ops take four to five passes o
 as many OpenMP parallel regions per layer (pad, tile copy, transform matmul; transform matmul,
 activation, crop). With passive OpenMP waiting every region wakes the thread pool, and on a
 light layer (0.4 GFLOP) those wake-ups and passes cost more than Winograd saves. The C versions
-(detkit/csrc/kernels.c) do each transform in one pass and one region; so does darknet's maxpool
-(two strided maxima, or pad + max_pool2d, as PyTorch ops).
+(detkit/csrc/kernels.c) do each transform in one pass and one region; so do darknet's maxpool
+(two strided maxima, or pad + max_pool2d, as PyTorch ops) and the [yolo] head's activation and
+decode (about ten ops: copies, sigmoids, exps, concatenations).
 
 The library is built once per source, compiler and CPU (`-O3 -march=native -fopenmp`) into
 detkit's cache directory ($DETKIT_CACHE, else $XDG_CACHE_HOME/detkit or ~/.cache/detkit) and
@@ -98,8 +99,11 @@ def _bind(path: Path) -> ctypes.CDLL:
                                                ctypes.c_int, pointer, ctypes.c_int]
     library.detkit_maxpool.argtypes = [pointer, size, size, size, size, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_int, size, size, pointer, ctypes.c_int]
+    library.detkit_yolo_decode.argtypes = [pointer, size, size, size, size, size, pointer,
+                                           pointer, ctypes.c_float, ctypes.c_float,
+                                           ctypes.c_float, pointer, ctypes.c_int]
     for function in (library.detkit_winograd_input, library.detkit_winograd_output,
-                     library.detkit_maxpool):
+                     library.detkit_maxpool, library.detkit_yolo_decode):
         function.restype = ctypes.c_int
     return library
 
@@ -165,3 +169,21 @@ def maxpool(library: ctypes.CDLL, x: torch.Tensor, size: int, stride: int, befor
     if status != 0:
         raise ValueError(f"native maxpool: bad size {size} or stride {stride}")
     return y
+
+
+def yolo_decode(library: ctypes.CDLL, x: torch.Tensor, anchors: torch.Tensor, scale_xy: float,
+                net_hw: tuple[int, int]) -> torch.Tensor:
+    """[yolo] head predictions (B, A*H*W, 5+C) straight from the logits x (B, A*(5+C), H, W),
+    float32 CPU, any memory format: YoloHead.decode(YoloHead.forward(x)) in one pass."""
+    b, channels, h, w = x.shape
+    count = anchors.shape[0]
+    k = channels // count
+    out = torch.empty((b, count * h * w, k), dtype=torch.float32)
+    strides = (ctypes.c_int64 * 4)(*x.stride())
+    anchor_wh = anchors.to(torch.float32).contiguous()
+    status = library.detkit_yolo_decode(x.data_ptr(), b, h, w, count, k, strides,
+                                        anchor_wh.data_ptr(), scale_xy, net_hw[1] / w,
+                                        net_hw[0] / h, out.data_ptr(), _threads(x.numel()))
+    if status != 0:
+        raise ValueError(f"native [yolo] decode: {channels} channels for {count} anchors")
+    return out

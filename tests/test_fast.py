@@ -22,6 +22,7 @@ import detkit
 from detkit.errors import DetkitError
 from detkit.fast import (
     FastMaxPool,
+    FastYoloHead,
     InferenceModel,
     WinogradConv3x3,
     fold_conv_bn,
@@ -369,6 +370,40 @@ def test_freed_memory_is_reused_without_page_faults():
     untouched, system_faults = run(DETKIT_SYSTEM_MALLOC="1")
     assert not untouched
     assert faults < 500 and system_faults > 5 * 9000, (faults, system_faults)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("scale_xy", [1.0, 1.2])
+def test_native_yolo_decode_equals_the_heads(channels_last, scale_xy):
+    """Logits -> predictions in one pass, as YoloHead.decode(YoloHead.forward(x)): every cell,
+    anchor and class (85 channels: five 16-lane blocks and a tail), logits up to +-100."""
+    import detkit.native as native
+    from detkit.model import model_from_text
+
+    library = native.kernels()
+    if library is None:
+        pytest.skip("native kernels not built here (no C compiler?)")
+    head = model_from_text(
+        "[net]\nwidth=64\nheight=96\nchannels=3\n" + _conv(255, 1, bn=0, act="linear")
+        + f"[yolo]\nmask=0,1,2\nanchors=10,14,23,27,37,58\nclasses=80\nnum=3\n"
+          f"scale_x_y={scale_xy}\n").layers[1]
+    x = torch.randn(2, 255, 3, 2, generator=torch.Generator().manual_seed(0)) * 8
+    x[0, :, 0, 0] = torch.linspace(-100, 100, 255)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    expected = head.decode(head(x.contiguous(), []), (96, 64))
+    got = native.yolo_decode(library, x, head.anchors, head.scale_x_y, (96, 64))
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_yolo_heads_decode_in_one_pass_only_where_their_output_is_unread():
+    from detkit.model import model_from_text
+
+    fast = optimize_for_inference(random_model("mini-yolo", 96), "cpu")
+    heads = [layer for layer in fast.layers if isinstance(layer, FastYoloHead)]
+    assert len(heads) == 2 and all(h.fuses_decode for h in heads)   # route / end of the net
+    read = MINI_YOLO.replace("[route]\nlayers=-3\n", "[route]\nlayers=-1,-3\n", 1)
+    fast = optimize_for_inference(model_from_text(read).eval(), "cpu")
+    assert [h.fuses_decode for h in fast.layers if isinstance(h, FastYoloHead)] == [False, True]
 
 
 def test_native_kernels_build_once_and_share_torchs_openmp(tmp_path, monkeypatch):

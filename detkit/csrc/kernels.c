@@ -210,3 +210,72 @@ int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, i
     }
     return 0;
 }
+
+/* exp(x) per lane: Cephes' expf (range reduction by ln 2, degree-5 polynomial, about 1 ulp);
+ * the argument is clamped to +-88.37 (exp of it is still a normal float). */
+static inline vec vexp(vec x) {
+    const vec hi = (vec){0} + 88.3762626647949f, lo = (vec){0} - 88.3762626647949f;
+    x = select_max(x, lo);
+    x = -select_max(-x, -hi);
+    vec fx = x * 1.44269504088896341f + 0.5f;                 /* floor(x / ln 2 + 0.5) */
+    vec whole = __builtin_convertvector(__builtin_convertvector(fx, ivec), vec);
+    whole += __builtin_convertvector(whole > fx, vec);        /* truncation -> floor: -1 where above */
+    x = x - whole * 0.693359375f + whole * 2.12194440e-4f;
+    vec p = (vec){0} + 1.9875691500e-4f;
+    p = p * x + 1.3981999507e-3f;
+    p = p * x + 8.3334519073e-3f;
+    p = p * x + 4.1665795894e-2f;
+    p = p * x + 1.6666665459e-1f;
+    p = p * x + 5.0000001201e-1f;
+    p = p * x * x + x + 1.0f;
+    const ivec exponent = (__builtin_convertvector(whole, ivec) + 127) << 23;   /* 2^whole */
+    return p * (vec)exponent;
+}
+
+static inline vec vsigmoid(vec x) { return 1.0f / (1.0f + vexp(-x)); }
+
+/* Darknet's [yolo] activation and decode in one pass, from the logits of the last conv:
+ * x (b, anchors * k, h, w) with element strides `strides` (b, channel, y, x), k = 5 + classes;
+ * out (b, anchors * h * w, k): cx, cy (input pixels: cell + scale_xy-adjusted sigmoid, times
+ * the cell size), w, h (exp times the anchor), sigmoid(objectness), sigmoid(classes). */
+int detkit_yolo_decode(const float *x, int64_t b, int64_t h, int64_t w, int64_t anchors,
+                       int64_t k, const int64_t *strides, const float *anchor_wh, float scale_xy,
+                       float cell_w, float cell_h, float *out, int threads) {
+    if (k < 5) return -1;
+    const int64_t cells = b * h * w;
+    const int contiguous_channels = strides[1] == 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t begin, end;
+        share(cells * anchors, &begin, &end);
+        float gathered[VL];
+        for (int64_t item = begin; item < end; item++) {
+            const int64_t a = item % anchors, cell = item / anchors;
+            const int64_t xx = cell % w, yy = (cell / w) % h, bi = cell / (w * h);
+            const float *src = x + bi * strides[0] + a * k * strides[1] + yy * strides[2] +
+                               xx * strides[3];
+            float *dst = out + ((bi * anchors + a) * h * w + yy * w + xx) * k;
+            for (int64_t j0 = 0; j0 < k; j0 += VL) {
+                const int64_t width = k - j0 < VL ? k - j0 : VL;
+                vec logits;
+                if (contiguous_channels) {
+                    logits = load(src + j0, width);
+                } else {
+                    for (int64_t l = 0; l < width; l++) gathered[l] = src[(j0 + l) * strides[1]];
+                    logits = load(gathered, width);
+                }
+                vec value = vsigmoid(logits);
+                if (j0 == 0) {
+                    const vec grown = vexp(logits);
+                    const float shift = (scale_xy - 1.0f) / 2.0f;
+                    value[0] = (value[0] * scale_xy - shift + (float)xx) * cell_w;
+                    value[1] = (value[1] * scale_xy - shift + (float)yy) * cell_h;
+                    value[2] = grown[2] * anchor_wh[2 * a];
+                    value[3] = grown[3] * anchor_wh[2 * a + 1];
+                }
+                store(dst + j0, value, width);
+            }
+        }
+    }
+    return 0;
+}
