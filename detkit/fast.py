@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 import os
@@ -291,7 +292,7 @@ class WinogradConv3x3(nn.Module):
         return y.permute(0, 2, 3, 1).reshape(tiles, self.points, self.cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        library = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        library = native.kernels_for(x)
         if library is None:
             return self._forward_ops(x)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -439,7 +440,7 @@ class FastMaxPool(MaxPool):
         h, w = x.shape[2], x.shape[3]
         out_h = (h + p - self.size) // self.stride + 1
         out_w = (w + p - self.size) // self.stride + 1
-        library = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        library = native.kernels_for(x)
         if library is not None and out_h > 0 and out_w > 0:
             return native.maxpool(library, x.contiguous(memory_format=torch.channels_last),
                                   self.size, self.stride, before, (out_h, out_w))
@@ -480,7 +481,7 @@ class FastYoloHead(YoloHead):
     def decode_logits(self, x: torch.Tensor, outputs: list, net_hw: tuple[int, int]
                       ) -> torch.Tensor:
         """decode(forward(x)): predictions (B, A*H*W, 5+C) from the logits."""
-        library = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        library = native.kernels_for(x)
         if library is None:
             return self.decode(self(x, outputs), net_hw)
         return native.yolo_decode(library, x, self.anchors, self.scale_x_y, net_hw)
@@ -657,8 +658,10 @@ def retain_freed_memory() -> bool:
     return _MALLOC_TUNED
 
 
+@functools.cache
 def _glibc_function(name: str):
-    """A function of glibc, or None where the C library is not glibc (musl and others)."""
+    """A function of glibc, or None where the C library is not glibc (musl and others);
+    looked up once (find_library runs ldconfig)."""
     library = ctypes.util.find_library("c")
     try:
         return getattr(ctypes.CDLL(library), name) if library and "libc.so" in library else None
@@ -680,7 +683,7 @@ def release_free_heap() -> bool:
     held 2.6 GB after `optimize_for_inference` instead of 1.9. Returns whether it ran."""
     malloc_trim = _glibc_function("malloc_trim") if _MALLOC_TUNED else None
     if malloc_trim is not None:
-        malloc_trim(0)
+        malloc_trim(ctypes.c_size_t(0))
     return malloc_trim is not None
 
 

@@ -20,9 +20,12 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -38,6 +41,7 @@ PARALLEL_MIN_ELEMENTS = 32768
 
 _LIBRARY: ctypes.CDLL | None = None
 _TRIED = False
+_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -48,14 +52,19 @@ def cache_dir() -> Path:
     return Path(base) / "detkit"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The C compiler's command ($CC may carry arguments, e.g. "ccache gcc")."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: list[str]) -> str:
     """Source, compiler version, flags and the CPU's instruction sets (-march=native)."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
+                             timeout=30)
     digest.update(version.stdout.encode() + " ".join(FLAGS).encode())
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -66,14 +75,28 @@ def _build_key(compiler: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(compiler: str) -> Path:
+def _private_directory() -> Path:
+    """A directory only this user can write to, for when the cache directory cannot be made:
+    a library loaded from a directory others can write to could be anyone's code."""
+    directory = Path(tempfile.gettempdir()) / f"detkit-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        info = directory.lstat()
+        if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+                and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            return directory
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="detkit-"))   # this process's own, built anew
+
+
+def _build(compiler: list[str]) -> Path:
     """The compiled library, built now if this source/compiler/CPU has none cached yet."""
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
-        directory = Path(tempfile.gettempdir()) / f"detkit-{os.getuid()}"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = _private_directory()
     target = directory / f"kernels-{_build_key(compiler)}.so"
     if not target.is_file():
         # built under a unique name, then renamed: processes started together (DDP) never
@@ -81,8 +104,9 @@ def _build(compiler: str) -> Path:
         handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(handle)
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True,
+            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True,
                            capture_output=True, text=True, timeout=300)
+            os.chmod(partial, 0o755)   # mkstemp's 0600 would lock out a shared $DETKIT_CACHE
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
@@ -111,9 +135,14 @@ def _bind(path: Path) -> ctypes.CDLL:
 def kernels() -> ctypes.CDLL | None:
     """The native kernels, or None where they cannot be built (logged once)."""
     global _LIBRARY, _TRIED
-    if _TRIED:
-        return _LIBRARY
-    _TRIED = True
+    with _LOCK:
+        if not _TRIED:
+            _LIBRARY = _load()
+            _TRIED = True
+    return _LIBRARY
+
+
+def _load() -> ctypes.CDLL | None:
     if os.environ.get("DETKIT_NATIVE", "1") == "0":
         return None
     compiler = _compiler()
@@ -121,11 +150,27 @@ def kernels() -> ctypes.CDLL | None:
         log.info("no C compiler: the fast path runs PyTorch ops instead of native kernels (slower)")
         return None
     try:
-        _LIBRARY = _bind(_build(compiler))
+        return _bind(_build(compiler))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("native kernels not built (%s): using PyTorch ops", detail)
-    return _LIBRARY
+        return None
+
+
+def kernels_for(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The native kernels for an eager float32 CPU call on x. None on other devices and dtypes,
+    and while a graph is being traced, exported or compiled: the C code is invisible to
+    torch.jit, torch.onnx and torch.compile, which would record only the empty outputs."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or _capturing_a_graph():
+        return None
+    return kernels()
+
+
+def _capturing_a_graph() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    checks = (torch.jit.is_tracing, torch.onnx.is_in_onnx_export,
+              getattr(compiler, "is_compiling", None), getattr(compiler, "is_exporting", None))
+    return any(check is not None and check() for check in checks)
 
 
 def _threads(elements: int) -> int:

@@ -273,8 +273,11 @@ def test_fast_maxpool_equals_darknets(size, stride, padding, hw, channels, nativ
     fast = optimize_for_inference(model, "cpu", channels_last=False)
     assert isinstance(fast.layers[0], FastMaxPool) and type(model.layers[0]) is MaxPool
     x = torch.randn(2, channels, *hw)
+    x[1, :, 1, 0] = float("nan")                # NaN propagates, as in max_pool2d
     got = fast.layers[0](x, [])
-    assert torch.equal(got, model.layers[0](x, []))
+    expected = model.layers[0](x, [])
+    assert torch.isnan(expected).any() or hw[1] == 1
+    assert torch.equal(got.nan_to_num(nan=7.0), expected.nan_to_num(nan=7.0))
     if native_kernels:
         assert got.is_contiguous(memory_format=torch.channels_last)
 
@@ -376,7 +379,9 @@ def test_freed_memory_is_reused_without_page_faults():
 @pytest.mark.parametrize("scale_xy", [1.0, 1.2])
 def test_native_yolo_decode_equals_the_heads(channels_last, scale_xy):
     """Logits -> predictions in one pass, as YoloHead.decode(YoloHead.forward(x)): every cell,
-    anchor and class (85 channels: five 16-lane blocks and a tail), logits up to +-100."""
+    anchor and class (85 channels: five 16-lane blocks and a tail), logits up to +-100, a w
+    logit past exp's float range, and NaN logits (NaN predictions, as the heads give: NaN
+    fails every threshold, where a clamp would make a confident box)."""
     import detkit.native as native
     from detkit.model import model_from_text
 
@@ -389,10 +394,13 @@ def test_native_yolo_decode_equals_the_heads(channels_last, scale_xy):
           f"scale_x_y={scale_xy}\n").layers[1]
     x = torch.randn(2, 255, 3, 2, generator=torch.Generator().manual_seed(0)) * 8
     x[0, :, 0, 0] = torch.linspace(-100, 100, 255)
+    x[1, 2, 0, 0], x[1, 3, 0, 0] = 95.0, -95.0             # anchor 0's w, h at cell (0, 0)
+    x[1, 85:92, 1, 1] = float("nan")                        # anchor 1 at cell (1, 1)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     expected = head.decode(head(x.contiguous(), []), (96, 64))
     got = native.yolo_decode(library, x, head.anchors, head.scale_x_y, (96, 64))
-    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+    assert torch.isinf(expected).any() and torch.isnan(expected).any()
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6, equal_nan=True)
 
 
 def test_yolo_heads_decode_in_one_pass_only_where_their_output_is_unread():
@@ -438,3 +446,21 @@ def test_native_kernels_fall_back_without_a_compiler(tmp_path, monkeypatch, capl
     monkeypatch.setenv("DETKIT_NATIVE", "0")
     monkeypatch.delenv("CC")
     assert native.kernels() is None and not list(tmp_path.iterdir())
+
+
+def test_native_kernels_never_load_from_a_directory_others_can_write(tmp_path, monkeypatch):
+    """The fallback build directory (no writable cache): a library loaded from a directory
+    other users can write to could be anyone's code."""
+    import os
+    import tempfile
+
+    import detkit.native as native
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    own = native._private_directory()
+    assert own == tmp_path / f"detkit-{os.getuid()}" and own.stat().st_mode & 0o777 == 0o700
+    own.chmod(0o777)
+    other = native._private_directory()
+    assert other != own and other.stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("CC", "ccache gcc -v")
+    assert native._compiler() == ["ccache", "gcc", "-v"]

@@ -52,16 +52,18 @@ static inline void store(float *dst, vec value, int64_t width) {
     else memcpy(dst, &value, width * sizeof(float));
 }
 
-/* a if a > b else b, branch-free (a select on a compare mask); NaNs are not propagated */
-static inline vec select_max(vec a, vec b) {
-    const ivec keep = a > b;
-    return (vec)(((ivec)a & keep) | ((ivec)b & ~keep));
+/* where `take`, b, else a: branch-free (a select on a compare mask) */
+static inline vec select(ivec take, vec a, vec b) {
+    return (vec)(((ivec)b & take) | ((ivec)a & ~take));
 }
+
+/* the larger of a and b, NaN if either is NaN (as torch.maximum and max_pool2d) */
+static inline vec nan_max(vec a, vec b) { return select((b > a) | (b != b), a, b); }
 
 static inline vec activate(vec value, int act) {
     switch (act) {
-    case ACT_LEAKY: return select_max(value, value * 0.1f);
-    case ACT_RELU: return select_max(value, (vec){0});
+    case ACT_LEAKY: return select(value < 0.0f, value, value * 0.1f);   /* NaN stays NaN */
+    case ACT_RELU: return select(value < 0.0f, value, (vec){0});
     case ACT_LOGISTIC:
         for (int l = 0; l < VL; l++) value[l] = 1.0f / (1.0f + expf(-value[l]));
         return value;
@@ -192,7 +194,7 @@ int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, i
                     for (int64_t ky = ky0; ky < ky1; ky++) {
                         const float *src = x + ((b * h + y0 + ky) * w + x0) * c + c0;
                         for (int64_t kx = kx0; kx < kx1; kx++)
-                            best = select_max(best, load(src + kx * c, VL));
+                            best = nan_max(best, load(src + kx * c, VL));
                     }
                     store(dst + c0, best, VL);
                 }
@@ -201,7 +203,7 @@ int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, i
                     for (int64_t ky = ky0; ky < ky1; ky++)
                         for (int64_t kx = kx0; kx < kx1; kx++) {
                             const float value = x[((b * h + y0 + ky) * w + x0 + kx) * c + c0];
-                            best = value > best ? value : best;
+                            best = value > best || value != value ? value : best;
                         }
                     dst[c0] = best;
                 }
@@ -214,9 +216,9 @@ int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, i
 /* exp(x) per lane: Cephes' expf (range reduction by ln 2, degree-5 polynomial, about 1 ulp);
  * the argument is clamped to +-88.37 (exp of it is still a normal float). */
 static inline vec vexp(vec x) {
-    const vec hi = (vec){0} + 88.3762626647949f, lo = (vec){0} - 88.3762626647949f;
-    x = select_max(x, lo);
-    x = -select_max(-x, -hi);
+    const vec limit = (vec){0} + 88.3762626647949f;
+    x = select(x > limit, x, limit);       /* comparisons with NaN are false: NaN stays NaN */
+    x = select(x < -limit, x, -limit);
     vec fx = x * 1.44269504088896341f + 0.5f;                 /* floor(x / ln 2 + 0.5) */
     vec whole = __builtin_convertvector(__builtin_convertvector(fx, ivec), vec);
     whole += __builtin_convertvector(whole > fx, vec);        /* truncation -> floor: -1 where above */
