@@ -615,12 +615,6 @@ def _resolve_options(device: torch.device, half: bool, bf16: bool, channels_last
 
 def _optimise_layers(model: Model, options: FastOptions, size: tuple[int, int]) -> None:
     """Replace, in place on the copy, each layer's modules by their inference form."""
-    for layer in model.layers:
-        if type(layer) is YoloHead:
-            layer.__class__ = FastYoloHead
-            after = model.layers[layer.index + 1] if layer.index + 1 < len(model.layers) else None
-            layer.fuses_decode = (layer.index not in model._needed_later()
-                                  and (after is None or isinstance(after, Route)))
     for layer, (in_shape, out_shape) in zip(model.layers, model.shapes(size), strict=True):
         if isinstance(layer, Convolutional) and options.fold_bn:
             layer.conv = _conv_kernel(layer, in_shape, out_shape, options)
@@ -631,6 +625,11 @@ def _optimise_layers(model: Model, options: FastOptions, size: tuple[int, int]) 
             layer.__class__ = FastMaxPool
         elif type(layer) is Upsample:
             layer.__class__ = FastUpsample
+        elif type(layer) is YoloHead:
+            layer.__class__ = FastYoloHead
+            after = model.layers[layer.index + 1] if layer.index + 1 < len(model.layers) else None
+            layer.fuses_decode = (layer.index not in model._keep
+                                  and (after is None or isinstance(after, Route)))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)

@@ -173,6 +173,12 @@ def _capturing_a_graph() -> bool:
     return any(check is not None and check() for check in checks)
 
 
+def _check(status: int, problem: str) -> None:
+    """The C functions return -1 for arguments they do not handle (checked before any work)."""
+    if status != 0:
+        raise ValueError(problem)
+
+
 def _threads(elements: int) -> int:
     return torch.get_num_threads() if elements >= PARALLEL_MIN_ELEMENTS else 1
 
@@ -182,10 +188,9 @@ def winograd_input(library: ctypes.CDLL, x: torch.Tensor, m: int) -> torch.Tenso
     n, c, h, w = x.shape
     tiles = n * -(-h // m) * -(-w // m)
     v = torch.empty((tiles, (m + 2) ** 2, c), dtype=x.dtype)
-    status = library.detkit_winograd_input(x.data_ptr(), n, h, w, c, m, v.data_ptr(),
-                                           _threads(v.numel()))
-    if status != 0:
-        raise ValueError(f"native Winograd input transform: bad m={m}")
+    _check(library.detkit_winograd_input(x.data_ptr(), n, h, w, c, m, v.data_ptr(),
+                                         _threads(v.numel())),
+           f"native Winograd input transform: bad m={m}")
     return v
 
 
@@ -194,11 +199,10 @@ def winograd_output(library: ctypes.CDLL, mm: torch.Tensor, shape: tuple[int, in
     """act(A^T M A) as a channels-last (N, C, H, W) map, from M (tiles, (m+2)^2, C)."""
     n, c, h, w = shape
     y = torch.empty((n, c, h, w), dtype=mm.dtype, memory_format=torch.channels_last)
-    status = library.detkit_winograd_output(mm.data_ptr(), n, h, w, c, m,
-                                            ACTIVATION_CODES[activation], y.data_ptr(),
-                                            _threads(mm.numel()))
-    if status != 0:
-        raise ValueError(f"native Winograd output transform: bad m={m} or {activation}")
+    _check(library.detkit_winograd_output(mm.data_ptr(), n, h, w, c, m,
+                                          ACTIVATION_CODES[activation], y.data_ptr(),
+                                          _threads(mm.numel())),
+           f"native Winograd output transform: bad m={m} or {activation}")
     return y
 
 
@@ -209,10 +213,9 @@ def maxpool(library: ctypes.CDLL, x: torch.Tensor, size: int, stride: int, befor
     n, c, h, w = x.shape
     out_h, out_w = out_hw
     y = torch.empty((n, c, out_h, out_w), dtype=x.dtype, memory_format=torch.channels_last)
-    status = library.detkit_maxpool(x.data_ptr(), n, h, w, c, size, stride, before, out_h, out_w,
-                                    y.data_ptr(), _threads(x.numel()))
-    if status != 0:
-        raise ValueError(f"native maxpool: bad size {size} or stride {stride}")
+    _check(library.detkit_maxpool(x.data_ptr(), n, h, w, c, size, stride, before, out_h, out_w,
+                                  y.data_ptr(), _threads(x.numel())),
+           f"native maxpool: bad size {size} or stride {stride}")
     return y
 
 
@@ -226,9 +229,8 @@ def yolo_decode(library: ctypes.CDLL, x: torch.Tensor, anchors: torch.Tensor, sc
     out = torch.empty((b, count * h * w, k), dtype=torch.float32)
     strides = (ctypes.c_int64 * 4)(*x.stride())
     anchor_wh = anchors.to(torch.float32).contiguous()
-    status = library.detkit_yolo_decode(x.data_ptr(), b, h, w, count, k, strides,
-                                        anchor_wh.data_ptr(), scale_xy, net_hw[1] / w,
-                                        net_hw[0] / h, out.data_ptr(), _threads(x.numel()))
-    if status != 0:
-        raise ValueError(f"native [yolo] decode: {channels} channels for {count} anchors")
+    _check(library.detkit_yolo_decode(x.data_ptr(), b, h, w, count, k, strides,
+                                      anchor_wh.data_ptr(), scale_xy, net_hw[1] / w,
+                                      net_hw[0] / h, out.data_ptr(), _threads(x.numel())),
+           f"native [yolo] decode: {channels} channels for {count} anchors")
     return out

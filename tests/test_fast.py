@@ -415,7 +415,7 @@ def test_yolo_heads_decode_in_one_pass_only_where_their_output_is_unread():
 
 
 def test_native_kernels_build_once_and_share_torchs_openmp(tmp_path, monkeypatch):
-    """Built into the cache directory once (a second process reuses the file), and bound to the
+    """Built into the cache directory once (a second build call reuses the file), and bound to the
     libgomp torch loaded: one OpenMP runtime, one thread pool."""
     import detkit.native as native
 

@@ -1,5 +1,5 @@
 /* Native kernels of detkit's CPU fast path (detkit/native.py): Winograd F(m x m, 3 x 3)
- * transforms and darknet's maxpool.
+ * transforms, darknet's maxpool and the [yolo] activation + decode.
  *
  * Activations are channels-last (NHWC) float32. The input transform gathers each (m+2)^2 tile,
  * zero-padded by 1 at the map's top/left (and as far as needed at the bottom/right), and writes
@@ -88,84 +88,103 @@ static inline vec activate(vec value, int act) {
     COMBINE(TMP, R, K, K, T[i][k], IN[k][j])                                                     \
     COMBINE(OUT, R, R, K, T[j][k], TMP[i][k])
 
-/* One work item: tile `tile` (of n x th x tw) and channel block `block`. */
-#define TILE_ITEM(M)                                                                             \
-    const int64_t block = item % blocks, tile = item / blocks;                                   \
-    const int64_t tx = tile % tw, ty = (tile / tw) % th, b = tile / (tw * th);                   \
-    const int64_t c0 = block * VL, width = c - c0 < VL ? c - c0 : VL;                            \
-    (void)b; (void)tx; (void)ty
+/* A map (n, h, w, c) cut into m x m tiles and VL-channel blocks: one work item per (tile,
+ * block). `src` and `dst` are the transform's input and output. */
+typedef struct {
+    const float *src;
+    float *dst;
+    int64_t n, h, w, c, th, tw, blocks;
+    int act;
+} tile_job;
 
-#define DEFINE_INPUT_TRANSFORM(NAME, A, M, BT)                                                   \
-    static void NAME(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, float *v,       \
-                     int threads) {                                                              \
-        const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, blocks = (c + VL - 1) / VL;   \
-        _Pragma("omp parallel num_threads(threads)") {                                           \
-            int64_t begin, end;                                                                  \
-            share(n * th * tw * blocks, &begin, &end);                                           \
-            for (int64_t item = begin; item < end; item++) {                                     \
-                TILE_ITEM(M);                                                                    \
-                vec d[A][A], t[A][A], u[A][A];                                                   \
-                for (int i = 0; i < A; i++) {                                                    \
-                    const int64_t yy = ty * M - 1 + i;                                           \
-                    for (int j = 0; j < A; j++) {                                                \
-                        const int64_t xx = tx * M - 1 + j;                                       \
-                        const int inside = yy >= 0 && yy < h && xx >= 0 && xx < w;              \
-                        d[i][j] = inside ? load(x + ((b * h + yy) * w + xx) * c + c0, width)    \
-                                         : (vec){0};                                             \
-                    }                                                                            \
-                }                                                                                \
-                TRANSFORM_2D(u, t, BT, d, A, A)                                                  \
-                float *out = v + tile * (A * A) * c + c0;                                        \
-                for (int i = 0; i < A; i++)                                                      \
-                    for (int j = 0; j < A; j++) store(out + (i * A + j) * c, u[i][j], width);    \
+typedef struct {
+    int64_t b, ty, tx, tile, c0, width;   /* image, tile row and column, tile index, channels */
+} tile_item;
+
+static tile_job tile_job_of(const float *src, float *dst, int64_t n, int64_t h, int64_t w,
+                            int64_t c, int m, int act) {
+    const tile_job job = {src, dst, n, h, w, c, (h + m - 1) / m, (w + m - 1) / m,
+                          (c + VL - 1) / VL, act};
+    return job;
+}
+
+static tile_item locate(const tile_job *job, int64_t index) {
+    const int64_t block = index % job->blocks, tile = index / job->blocks;
+    const int64_t c0 = block * VL;
+    const tile_item at = {tile / (job->tw * job->th), (tile / job->tw) % job->th,
+                          tile % job->tw, tile, c0, job->c - c0 < VL ? job->c - c0 : VL};
+    return at;
+}
+
+/* The work items split evenly over one parallel region. */
+static void for_each_tile_item(const tile_job *job, void (*work)(const tile_job *, int64_t),
+                               int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t begin, end;
+        share(job->n * job->th * job->tw * job->blocks, &begin, &end);
+        for (int64_t index = begin; index < end; index++) work(job, index);
+    }
+}
+
+/* d: the (A x A) tile, zero outside the map -> V = B^T d B at (tile, point, channel) */
+#define DEFINE_INPUT_ITEM(NAME, A, M, BT)                                                        \
+    static void NAME(const tile_job *job, int64_t index) {                                       \
+        const tile_item at = locate(job, index);                                                 \
+        const int64_t h = job->h, w = job->w, c = job->c;                                        \
+        vec d[A][A], t[A][A], u[A][A];                                                           \
+        for (int i = 0; i < A; i++) {                                                            \
+            const int64_t yy = at.ty * M - 1 + i;                                                \
+            for (int j = 0; j < A; j++) {                                                        \
+                const int64_t xx = at.tx * M - 1 + j;                                            \
+                const int inside = yy >= 0 && yy < h && xx >= 0 && xx < w;                      \
+                d[i][j] = inside ? load(job->src + ((at.b * h + yy) * w + xx) * c + at.c0,      \
+                                        at.width)                                                \
+                                 : (vec){0};                                                     \
             }                                                                                    \
         }                                                                                        \
+        TRANSFORM_2D(u, t, BT, d, A, A)                                                          \
+        float *out = job->dst + at.tile * (A * A) * c + at.c0;                                   \
+        for (int i = 0; i < A; i++)                                                              \
+            for (int j = 0; j < A; j++) store(out + (i * A + j) * c, u[i][j], at.width);         \
     }
 
-DEFINE_INPUT_TRANSFORM(input_f4, 6, 4, BT4)
-DEFINE_INPUT_TRANSFORM(input_f2, 4, 2, BT2)
-
-#define DEFINE_OUTPUT_TRANSFORM(NAME, A, M, AT)                                                  \
-    static void NAME(const float *mm, int64_t n, int64_t h, int64_t w, int64_t c, int act,       \
-                     float *y, int threads) {                                                    \
-        const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, blocks = (c + VL - 1) / VL;   \
-        _Pragma("omp parallel num_threads(threads)") {                                           \
-            int64_t begin, end;                                                                  \
-            share(n * th * tw * blocks, &begin, &end);                                           \
-            for (int64_t item = begin; item < end; item++) {                                     \
-                TILE_ITEM(M);                                                                    \
-                const float *in = mm + tile * (A * A) * c + c0;                                  \
-                vec p[A][A], t[M][A], o[M][M];                                                   \
-                for (int i = 0; i < A; i++)                                                      \
-                    for (int j = 0; j < A; j++) p[i][j] = load(in + (i * A + j) * c, width);     \
-                TRANSFORM_2D(o, t, AT, p, M, A)                                                  \
-                for (int i = 0; i < M && ty * M + i < h; i++)                                    \
-                    for (int j = 0; j < M && tx * M + j < w; j++)                                \
-                        store(y + ((b * h + ty * M + i) * w + tx * M + j) * c + c0,              \
-                              activate(o[i][j], act), width);                                    \
-            }                                                                                    \
-        }                                                                                        \
+/* M at (tile, point, channel) -> act(A^T M A), the pixels inside the map */
+#define DEFINE_OUTPUT_ITEM(NAME, A, M, AT)                                                       \
+    static void NAME(const tile_job *job, int64_t index) {                                       \
+        const tile_item at = locate(job, index);                                                 \
+        const int64_t h = job->h, w = job->w, c = job->c;                                        \
+        const float *in = job->src + at.tile * (A * A) * c + at.c0;                              \
+        vec p[A][A], t[M][A], o[M][M];                                                           \
+        for (int i = 0; i < A; i++)                                                              \
+            for (int j = 0; j < A; j++) p[i][j] = load(in + (i * A + j) * c, at.width);          \
+        TRANSFORM_2D(o, t, AT, p, M, A)                                                          \
+        for (int i = 0; i < M && at.ty * M + i < h; i++)                                         \
+            for (int j = 0; j < M && at.tx * M + j < w; j++)                                     \
+                store(job->dst + ((at.b * h + at.ty * M + i) * w + at.tx * M + j) * c + at.c0,  \
+                      activate(o[i][j], job->act), at.width);                                    \
     }
 
-DEFINE_OUTPUT_TRANSFORM(output_f4, 6, 4, AT4)
-DEFINE_OUTPUT_TRANSFORM(output_f2, 4, 2, AT2)
+DEFINE_INPUT_ITEM(input_f4, 6, 4, BT4)
+DEFINE_INPUT_ITEM(input_f2, 4, 2, BT2)
+DEFINE_OUTPUT_ITEM(output_f4, 6, 4, AT4)
+DEFINE_OUTPUT_ITEM(output_f2, 4, 2, AT2)
 
 /* x: (n, h, w, c) -> v: (n * ceil(h/m) * ceil(w/m), (m+2)^2, c). Returns 0, or -1 for bad m. */
 int detkit_winograd_input(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int m,
                           float *v, int threads) {
-    if (m == 4) input_f4(x, n, h, w, c, v, threads);
-    else if (m == 2) input_f2(x, n, h, w, c, v, threads);
-    else return -1;
+    if (m != 2 && m != 4) return -1;
+    const tile_job job = tile_job_of(x, v, n, h, w, c, m, ACT_LINEAR);
+    for_each_tile_item(&job, m == 4 ? input_f4 : input_f2, threads);
     return 0;
 }
 
 /* mm: (tiles, (m+2)^2, c) -> y: (n, h, w, c), activation applied. Returns 0, or -1. */
 int detkit_winograd_output(const float *mm, int64_t n, int64_t h, int64_t w, int64_t c, int m,
                            int act, float *y, int threads) {
-    if (act < ACT_LINEAR || act > ACT_LOGISTIC) return -1;
-    if (m == 4) output_f4(mm, n, h, w, c, act, y, threads);
-    else if (m == 2) output_f2(mm, n, h, w, c, act, y, threads);
-    else return -1;
+    if ((m != 2 && m != 4) || act < ACT_LINEAR || act > ACT_LOGISTIC) return -1;
+    const tile_job job = tile_job_of(mm, y, n, h, w, c, m, act);
+    for_each_tile_item(&job, m == 4 ? output_f4 : output_f2, threads);
     return 0;
 }
 
