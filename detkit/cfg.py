@@ -24,12 +24,13 @@ SECTION_ALIASES = {
     "lrn": "normalization",
 }
 
-# Sections detkit builds. Darknet sections not listed here get a "not supported" error.
-SUPPORTED_SECTIONS = {
+# Every section name darknet's parser knows (pjreddie's and AlexeyAB's), after the aliases. The
+# parser accepts any name; which of them detkit builds is the layer registry's business
+# (detkit.registry), and detkit.model tells "not supported" (a darknet section without a
+# builder) from "unknown" (not darknet's either) with this list.
+DARKNET_SECTIONS = {
     "net", "convolutional", "maxpool", "avgpool", "route", "shortcut", "upsample", "reorg",
     "dropout", "connected", "softmax", "cost", "yolo", "region",
-}
-KNOWN_UNSUPPORTED = {
     "local", "deconvolutional", "deconv", "crop", "detection", "iseg", "activation", "logistic",
     "crnn", "gru", "lstm", "rnn", "normalization", "batchnorm", "reorg3d",
     "sam", "scale_channels", "conv_lstm", "gaussian_yolo", "contrastive", "implicit_add",
@@ -161,18 +162,7 @@ def parse_cfg_text(text: str, path: str = "<cfg>") -> list[Section]:
 def _new_section(name: str, lineno: int, path: str, position: int) -> Section:
     raw = name.lower()
     kind = SECTION_ALIASES.get(raw, raw)
-    if kind not in SUPPORTED_SECTIONS and kind not in _extension_sections():
-        if kind in KNOWN_UNSUPPORTED:
-            raise CfgError(f"{path}:{lineno}: section [{name}] is not supported by detkit")
-        raise CfgError(f"{path}:{lineno}: unknown section [{name}]")
     return Section(kind=kind, line=lineno, path=path, index=position - 1, raw_kind=name)
-
-
-def _extension_sections() -> set[str]:
-    """detkit's own sections (SSD and friends), registered by the layer builders."""
-    from .layers import EXTENSION_SECTIONS
-
-    return EXTENSION_SECTIONS
 
 
 def parse_cfg(source: str | Path) -> list[Section]:

@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cfg import Section, parse_cfg, parse_cfg_text, warn_unused
+from . import heads as _registers_heads  # noqa: F401  (importing them registers every builder)
+from . import layers as _registers_layers  # noqa: F401
+from .cfg import DARKNET_SECTIONS, Section, parse_cfg, parse_cfg_text, warn_unused
 from .errors import CfgError
-from .layers import BuildContext, Layer, Shape, builders
+from .layers import BuildContext, Layer, Shape
+from .registry import builder_for
 
 # [net] keys darknet reads for training and augmentation; read here so they never warn.
 # AlexeyAB's cutmix and mixup are not implemented and left out: they warn as unused fields.
@@ -79,11 +82,11 @@ class Model(nn.Module):
         return (x * self.input_scale - self.input_mean) / self.input_std
 
     def _build(self, sections: list[Section]) -> None:
-        table = builders()
+        check_sections(sections)
         ctx = BuildContext(shapes=[], input_shape=(self.input_channels, self.input_size[1],
                                                    self.input_size[0]), net=self.net)
         for index, section in enumerate(sections):
-            layer = table[section.kind](index, section, ctx)
+            layer = builder_for(section.kind)(index, section, ctx)
             shape = layer.out_shape(ctx.prev, ctx.shapes)
             if min(shape) <= 0:
                 raise section.error(f"output size {shape[2]}x{shape[1]}x{shape[0]} is empty "
@@ -208,6 +211,21 @@ class Model(nn.Module):
         """Every layer's output in darknet layout (for [yolo]/[region]: darknet's l.output)."""
         outputs, _, _, _ = self._run(x, keep_all=True)
         return outputs
+
+
+def check_sections(sections: list[Section]) -> None:
+    """Every section must have a builder; the first one without gets the error, with its line.
+
+    Checked before any layer is built, so a cfg with an unknown section fails on that section
+    rather than on a layer before it that cannot tell what follows.
+    """
+    for section in sections:
+        if builder_for(section.kind) is not None:
+            continue
+        where, name = f"{section.path}:{section.line}", section.raw_kind or section.kind
+        if section.kind in DARKNET_SECTIONS:
+            raise CfgError(f"{where}: section [{name}] is not supported by detkit")
+        raise CfgError(f"{where}: unknown section [{name}]")
 
 
 def build_model(sections: list[Section]) -> Model:

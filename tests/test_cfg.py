@@ -32,7 +32,7 @@ def test_section_aliases(alias, kind):
 
 
 def parseable(paths):
-    """Cfgs detkit parses (darknet also ships rnn/lstm/[local] cfgs, which are errors here)."""
+    """Cfgs the parser reads (all of darknet's: it reads [rnn] and [local] too; building them fails)."""
     good = []
     for path in paths:
         try:
@@ -115,3 +115,33 @@ def test_augmentation_keys_detkit_trains_with_are_read_and_the_others_warn():
     messages = [str(w.message) for w in caught if issubclass(w.category, CfgWarning)]
     assert messages == ["aug.cfg:8: unused field 'mixup = 1' in [net]",
                         "aug.cfg:9: unused field 'cutmix = 1' in [net]"]
+
+
+def test_the_registry_builds_darknet_sections_and_names_detkit_extensions():
+    import detkit.model  # noqa: F401  (registers every builder)
+    from detkit.cfg import DARKNET_SECTIONS
+    from detkit.registry import builders, extension_sections
+
+    table = builders()
+    assert extension_sections() == {"l2norm", "ssd"}
+    assert set(table) - extension_sections() <= DARKNET_SECTIONS
+    assert not extension_sections() & DARKNET_SECTIONS
+    assert {"convolutional", "route", "shortcut", "yolo", "region", "ssd"} <= set(table)
+
+
+def test_a_section_kind_has_one_builder():
+    import detkit.model  # noqa: F401
+    from detkit.registry import RegistryError, register
+
+    class Impostor:
+        pass
+
+    with pytest.raises(RegistryError, match=r"\[yolo\] is already built by YoloHead"):
+        register("yolo")(Impostor)
+
+
+def test_the_parser_reads_any_section_name_and_the_model_rejects_it():
+    sections = parse_cfg_text(NET + "[bogus]\n[local]\n", "x.cfg")
+    assert [s.kind for s in sections] == ["net", "bogus", "local"]
+    with pytest.raises(CfgError, match=r"x.cfg:5: unknown section \[bogus\]"):
+        model_from_text(NET + "[bogus]\n[local]\n", "x.cfg")

@@ -6,6 +6,7 @@ import torch
 
 from ..cfg import Section
 from ..layers.base import BuildContext, Layer, Shape
+from ..registry import register
 from .common import anchor_pairs, flatten_predictions, grid_offsets, init_objectness_bias
 from .region_loss import region_loss
 
@@ -13,6 +14,7 @@ from .region_loss import region_loss
 _IGNORED_KEYS = ("absolute", "classfix", "log", "sqrt", "mask_scale")
 
 
+@register("region")
 class RegionHead(Layer):
     kind = "detection"
 

@@ -17,10 +17,12 @@ from ..cfg import Section
 from ..errors import DataError
 from ..layers.base import BuildContext, Layer, Shape
 from ..layers.simple import resolve_index
+from ..registry import register
 from .priors import PriorCache, parse_prior_spec
 from .ssd_match import SSDTargets, build_targets, decode, multibox_loss
 
 
+@register("ssd", extension=True)
 class SSDHead(Layer):
     kind = "ssd"
     loss_uses_output = True

@@ -6,10 +6,12 @@ import torch
 
 from ..cfg import Section
 from ..layers.base import BuildContext, Layer, Shape
+from ..registry import register
 from .common import anchor_pairs, flatten_predictions, grid_offsets, init_objectness_bias
 from .yolo_loss import IOU_LOSSES, yolo_loss
 
 
+@register("yolo")
 class YoloHead(Layer):
     """Anchors are in input pixels; `mask` picks this layer's anchors out of all `num`."""
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..cfg import Section
+from ..registry import register
 from .activations import ACTIVATIONS, Activation
 from .base import BuildContext, Layer, Shape
 
@@ -77,6 +78,7 @@ def convert_sync_batchnorm(model: nn.Module) -> int:
     return count
 
 
+@register("convolutional")
 class Convolutional(Layer):
     kind = "conv"
 
@@ -139,6 +141,7 @@ class Convolutional(Layer):
                 f"{w:4d} x{h:4d} x{c:4d}   ->  {ow:4d} x{oh:4d} x{oc:4d}  {bflops:5.3f} BFLOPs")
 
 
+@register("connected")
 class Connected(Layer):
     kind = "connected"
 

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cfg import Section
+from ..registry import register
 from .base import BuildContext, Layer, Shape
 
 
+@register("l2norm", extension=True)
 class L2Norm(Layer):
     kind = "l2norm"
 

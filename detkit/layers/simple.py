@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cfg import Section
+from ..registry import register
 from .activations import Activation
 from .base import BuildContext, Layer, Shape
 from .conv import parse_activation
@@ -21,6 +22,7 @@ def resolve_index(section: Section, key: str, raw: int, index: int) -> int:
     return resolved
 
 
+@register("maxpool")
 class MaxPool(Layer):
     """Darknet maxpool: total padding size-1 by default, window starting at -padding/2."""
 
@@ -56,6 +58,7 @@ class MaxPool(Layer):
                 f"   ->  {ow:4d} x{oh:4d} x{oc:4d}")
 
 
+@register("avgpool")
 class AvgPool(Layer):
     kind = "avg"
 
@@ -73,6 +76,7 @@ class AvgPool(Layer):
         return f"avg                     {w:4d} x{h:4d} x{c:4d}   ->  {c:4d}"
 
 
+@register("route")
 class Route(Layer):
     """Channel concat of earlier outputs; AlexeyAB's groups/group_id take a channel slice of each."""
 
@@ -114,6 +118,7 @@ class Route(Layer):
         return "route " + "".join(f" {i}" for i in self.sources)
 
 
+@register("shortcut")
 class Shortcut(Layer):
     """out = act(alpha*prev + beta*from), darknet's shortcut_cpu including the size-mismatch case."""
 
@@ -162,6 +167,7 @@ class Shortcut(Layer):
                 f"{ow:4d} x{oh:4d} x{oc:4d}")
 
 
+@register("upsample")
 class Upsample(Layer):
     kind = "upsample"
 
@@ -188,6 +194,7 @@ class Upsample(Layer):
                 f"{ow:4d} x{oh:4d} x{oc:4d}")
 
 
+@register("reorg")
 class Reorg(Layer):
     """pjreddie's reorg: reorg_cpu called with forward=0 on the input dims. Not space-to-depth."""
 
@@ -224,6 +231,7 @@ class Reorg(Layer):
                 f"{ow:4d} x{oh:4d} x{oc:4d}")
 
 
+@register("dropout")
 class Dropout(Layer):
     kind = "dropout"
 
@@ -239,6 +247,7 @@ class Dropout(Layer):
         return f"dropout       p = {self.probability:.2f}               {n:4d}  ->  {n:4d}"
 
 
+@register("softmax")
 class Softmax(Layer):
     """Softmax over contiguous groups of the flattened (C,H,W) output, as softmax_cpu does."""
 
@@ -262,6 +271,7 @@ class Softmax(Layer):
         return f"softmax                                        {n:4d}"
 
 
+@register("cost")
 class Cost(Layer):
     """Training-only cost: identity at inference, like darknet's copy of the input."""
 
