@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 # OpenMP threads that wait by spinning steal the cores the working threads need whenever the
 # CPU is shared or oversubscribed: at load 4 on 2 cores yolov2-voc took 4.8 s instead of 0.22 s
@@ -14,31 +13,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from .boxes import postprocess
+from .engine.checkpoint import load_model, load_weights
 from .errors import CfgError, DataError, DetkitError, SourceError, WeightsError
 from .model import Model, model_from_cfg
 from .weights import load_darknet_weights, save_darknet_weights
 
 __version__ = "0.1.0"
-
-
-def load_model(cfg: str | Path, weights: str | Path | None = None, device: str = "cpu",
-               cutoff: int | None = None) -> Model:
-    """Build the network of a .cfg, load darknet .weights (or a detkit .pt) and put it in eval mode."""
-    model = model_from_cfg(cfg)
-    if weights is not None:
-        load_weights(model, weights, cutoff=cutoff)
-    return model.to(device).eval()
-
-
-def load_weights(model: Model, weights: str | Path, cutoff: int | None = None) -> None:
-    """Load darknet .weights, or a detkit checkpoint (.pt/.pth, loaded with weights_only=True)."""
-    path = Path(weights)
-    if path.suffix in (".pt", ".pth"):
-        from .checkpoint import load_checkpoint_into
-
-        load_checkpoint_into(model, path)
-    else:
-        load_darknet_weights(model, path, cutoff=cutoff)
 
 
 def __getattr__(name: str):
@@ -51,5 +31,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "CfgError", "DataError", "DetkitError", "Model", "SourceError", "WeightsError", "load_model",
-    "load_weights", "load_darknet_weights", "postprocess", "save_darknet_weights", "torch",
+    "load_weights", "load_darknet_weights", "model_from_cfg", "postprocess", "save_darknet_weights", "torch",
 ]

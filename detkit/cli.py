@@ -74,8 +74,8 @@ def benchmark(
 ) -> None:
     """Print darknet's layer table with BFLOPs and parameters, then latency p50/p90/p99,
     images/s, peak memory and achieved TFLOP/s per batch size."""
-    from . import load_model
     from .bench import layer_table, run_benchmark
+    from .engine.checkpoint import load_model
 
     if half and bf16:
         raise DetkitError("--half and --bf16 exclude each other")
@@ -286,7 +286,7 @@ def export(
 ) -> None:
     """Export the network, decode included, to ONNX: input `images` (B,3,H,W) RGB in [0,1],
     output `preds` (B,N,5+C) cx,cy,w,h in input pixels, objectness, class probabilities."""
-    from . import load_model
+    from .engine.checkpoint import load_model
     from .export import export_onnx
 
     if format.lower() != "onnx":

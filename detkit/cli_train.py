@@ -185,7 +185,7 @@ def evaluate(
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """mAP: Pascal VOC (2007 11-point and area under the curve) and COCO (pycocotools)."""
-    from . import load_model
+    from .engine.checkpoint import load_model
     from .engine.evaluate import coco_json, evaluate_coco, evaluate_voc
     from .engine.train import predict_samples
 

@@ -1,4 +1,7 @@
-"""Training checkpoints: written atomically, loaded with weights_only=True (never runs code)."""
+"""The one home of checkpoints: detkit .pt files written atomically and loaded with
+weights_only=True (never runs code), and loading a model from a cfg plus darknet .weights or a
+.pt. Training saves and resumes through here; detect, eval, export and the Python API load
+through load_model."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from ..weights import atomic_write_bytes
+from ..model import Model, model_from_cfg
+from ..weights import atomic_write_bytes, load_darknet_weights
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -25,3 +29,33 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise WeightsError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # pickle or zip errors from a damaged or foreign file
         raise WeightsError(f"{path}: not a loadable detkit checkpoint ({exc})") from None
+
+
+def load_checkpoint_into(model: Model, path: Path) -> None:
+    """Load a detkit .pt (training checkpoint or plain state dict) into `model`; must fit."""
+    state = load_checkpoint(path)
+    is_training_checkpoint = isinstance(state, dict) and "model" in state
+    # a training checkpoint holds the EMA weights when EMA was on; they are the ones to deploy
+    weights = (state.get("ema") or state["model"]) if is_training_checkpoint else state
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"{path}: does not fit this cfg (missing {len(missing)} tensors, "
+                           f"unexpected {len(unexpected)}; first: {(missing or unexpected)[0]})")
+
+
+def load_weights(model: Model, weights: str | Path, cutoff: int | None = None) -> None:
+    """Load darknet .weights, or a detkit checkpoint (.pt/.pth, loaded with weights_only=True)."""
+    path = Path(weights)
+    if path.suffix in (".pt", ".pth"):
+        load_checkpoint_into(model, path)
+    else:
+        load_darknet_weights(model, path, cutoff=cutoff)
+
+
+def load_model(cfg: str | Path, weights: str | Path | None = None, device: str = "cpu",
+               cutoff: int | None = None) -> Model:
+    """Build the network of a .cfg, load darknet .weights (or a detkit .pt) and put it in eval mode."""
+    model = model_from_cfg(cfg)
+    if weights is not None:
+        load_weights(model, weights, cutoff=cutoff)
+    return model.to(device).eval()

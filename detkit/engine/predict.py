@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DetkitError, WeightsError
+from .checkpoint import load_model
 from .letterbox import correct_boxes, default_letterbox, letterbox_batch
 from .slicing import check_tiling, predict_sliced
 from .sources import ImageInput, as_bgr, read_image_or_raise
@@ -180,8 +181,6 @@ class Detector:
                  classes: str | Sequence[str | int] | None = None, fast: bool = True,
                  backend: str = "torch", tta: bool = False, tile: int | None = None,
                  tile_overlap: float = 0.25) -> None:
-        from .. import load_model
-
         if cfg is None:
             default_cfg, default_weights = default_model_files()
             cfg = default_cfg

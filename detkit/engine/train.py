@@ -29,7 +29,7 @@ from ..errors import DetkitError
 from ..layers.conv import convert_sync_batchnorm
 from ..model import Model, model_from_cfg
 from ..weights import load_darknet_weights, load_darknet_weights_transfer, save_darknet_weights
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_checkpoint_into, save_checkpoint
 from .evaluate import ImageDetections, ImageTruth, evaluate_voc
 from .letterbox import default_letterbox, has_ssd_head
 from .plots import plot_pr_curves, plot_training
@@ -165,8 +165,6 @@ class Trainer:
     def _load_pretrained(self, weights: Path, cutoff: int | None) -> None:
         """Darknet .weights (optionally the first `cutoff` layers) or a detkit .pt."""
         if weights.suffix in (".pt", ".pth"):
-            from ..checkpoint import load_checkpoint_into
-
             load_checkpoint_into(self.model, weights)
             return
         # Without a cutoff every layer is loaded; a file trained for another class count (COCO's

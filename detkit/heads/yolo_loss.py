@@ -25,7 +25,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from ..boxes import cxcywh_to_xyxy
 from ..errors import DataError
@@ -295,6 +294,13 @@ def box_iou_loss(pred: Tensor, truth: Tensor, kind: str) -> Tensor:
     """Per row 1 - IoU (or GIoU, DIoU, CIoU, torchvision's definitions) of (N, 4) cx, cy, w, h
     boxes; pixels, not normalised units, so that DIoU's distance and CIoU's aspect term are not
     distorted by a non-square network."""
+    # imported here: torchvision costs ~1.5 s of `import detkit` that inference never needs
+    from torchvision.ops import (
+        complete_box_iou_loss,
+        distance_box_iou_loss,
+        generalized_box_iou_loss,
+    )
+
     pred_xyxy, truth_xyxy = cxcywh_to_xyxy(pred), cxcywh_to_xyxy(truth)
     if kind == "giou":
         return generalized_box_iou_loss(pred_xyxy, truth_xyxy, reduction="none")
