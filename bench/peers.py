@@ -17,7 +17,8 @@ before and after is recorded: other processes on a shared machine show up there.
 
 Usage: bench/.venv-opencv must exist (`make bench-peers` creates it), then
     .venv/bin/python bench/peers.py [--threads 2] [--rounds 10] [--models yolov3-tiny,...]
-Writes bench/results/peers-<date>.md and .json, and peers-latest.md/.json.
+Writes bench/results/peers-latest.md and .json, and appends the run to peers-history.jsonl
+(one JSON object per line, oldest first: every run's figures, no file per run).
 """
 
 from __future__ import annotations
@@ -202,14 +203,14 @@ def machine() -> dict:
             "platform": platform.platform(), **versions}
 
 
-def write_results(data: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = data["date"].replace(":", "").replace("-", "")[:15]
-    md = to_markdown(data)
-    for stem in (f"peers-{stamp}", "peers-latest"):
-        (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))
-        (RESULTS / f"{stem}.md").write_text(md)
-    return RESULTS / f"peers-{stamp}.md"
+def write_results(data: dict, results: Path = RESULTS) -> Path:
+    """The run as peers-latest.md/.json, and one more line of peers-history.jsonl."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "peers-latest.json").write_text(json.dumps(data, indent=2))
+    (results / "peers-latest.md").write_text(to_markdown(data))
+    with open(results / "peers-history.jsonl", "a", encoding="utf-8") as history:
+        history.write(json.dumps(data, separators=(",", ":")) + "\n")
+    return results / "peers-latest.md"
 
 
 def to_markdown(data: dict) -> str:
@@ -276,7 +277,7 @@ def main() -> None:
     data["load_after"] = os.getloadavg()[0]
     path = write_results(data)
     print(to_markdown(data))
-    print(f"written {path} (and peers-latest.md/.json)", file=sys.stderr)
+    print(f"written {path} (and .json); appended to peers-history.jsonl", file=sys.stderr)
 
 
 if __name__ == "__main__":

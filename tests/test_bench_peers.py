@@ -1,0 +1,45 @@
+"""bench/peers.py keeps the latest figures and one history file, not a file per run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+from conftest import REPO
+
+
+def load_peers():
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "bench" / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(date: str, median_ms: float) -> dict:
+    peer = {"label": "detkit fast path", "info": "", "error": None, "median_ms": median_ms,
+            "samples_ms": [median_ms]}
+    return {"date": date, "threads": 2, "rounds": 1, "command": "peers.py",
+            "machine": {"cpu": "test", "logical_cpus": 2, "platform": "test", "python": "3"},
+            "load_before": 0.0, "load_after": 0.0, "models": {"yolov3-tiny": {"detkit-fast": peer}}}
+
+
+def test_each_run_replaces_latest_and_appends_one_history_line(tmp_path):
+    peers = load_peers()
+    peers.write_results(fake_run("2026-12-07T01:00:00", 30.0), tmp_path)
+    peers.write_results(fake_run("2026-12-07T02:00:00", 25.0), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peers-history.jsonl", "peers-latest.json",
+                                                          "peers-latest.md"]
+    history = [json.loads(line) for line in (tmp_path / "peers-history.jsonl").read_text().splitlines()]
+    assert [run["date"] for run in history] == ["2026-12-07T01:00:00", "2026-12-07T02:00:00"]
+    assert json.loads((tmp_path / "peers-latest.json").read_text())["date"] == "2026-12-07T02:00:00"
+    assert "| detkit fast path | 25.0 |" in (tmp_path / "peers-latest.md").read_text()
+
+
+def test_the_committed_history_ends_with_the_latest_run():
+    results = REPO / "bench" / "results"
+    last = json.loads((results / "peers-history.jsonl").read_text().splitlines()[-1])
+    assert last == json.loads((results / "peers-latest.json").read_text())
+    assert sorted(p.name for p in results.iterdir()) == ["peers-history.jsonl", "peers-latest.json",
+                                                         "peers-latest.md"]
