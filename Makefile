@@ -9,7 +9,7 @@ TINY_MD5 := 3bcd6b390912c18924b46b26a9e7ff53
 DARKNET_DATA := /usr/share/darknet/data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install assets darknet demo test test-fast lint clean-assets trees
+.PHONY: install assets darknet demo test test-fast lint clean-assets trees gpu-check gpu-check-assets
 
 install: $(VENV)/.installed
 
@@ -90,3 +90,16 @@ $(OPENCV_VENV)/.installed:
 
 bench-peers: install darknet weights/yolov3-tiny.weights $(OPENCV_VENV)/.installed
 	$(PY) bench/peers.py --threads $(BENCH_THREADS)
+
+# The CUDA test set and the GPU timings in one run (bench/gpu_check.py), figures to
+# bench/results/gpu-<device>.json. Without CUDA: one line, exit 0. The GPU machine's python3 has
+# torch and no darknet: run `make gpu-check-assets` here, carry weights/yolov3-tiny.weights,
+# assets/video and assets/photos, and run `make gpu-check` there (it installs nothing).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py
+
+gpu-check-assets: assets darknet
+	mkdir -p assets/photos
+	cp $(addprefix $(DARKNET_DATA)/,dog.jpg horses.jpg person.jpg eagle.jpg giraffe.jpg kite.jpg) assets/photos/

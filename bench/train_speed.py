@@ -30,6 +30,28 @@ def sized_cfg(cfg: Path, size: int | None) -> Path:
     return path
 
 
+def training_rate(options, skip: int):
+    """Images/s of the trainer's own iterations after the first `skip` (worker start-up,
+    allocator warm-up, cudnn's autotuning); (rate, trainer, iterations timed)."""
+    from detkit.engine.train import Trainer
+
+    trainer = Trainer(options)
+    finished: list[float] = []
+    log_iteration = trainer._log
+
+    def timed_log(bar, loss, parts, rate) -> None:
+        finished.append(time.perf_counter())
+        log_iteration(bar, loss, parts, rate)
+
+    trainer._log = timed_log
+    trainer.train()
+    counted = len(finished) - skip
+    if skip < 1 or counted < 1:
+        raise SystemExit("--skip must be at least 1 and below --iterations")
+    rate = trainer.hyper["batch"] * counted / (finished[-1] - finished[skip - 1])
+    return rate, trainer, counted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg", type=Path, default=REPO / "cfg" / "yolov3-tiny-trees.cfg")
@@ -41,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from detkit.cli_train import load_split
-    from detkit.engine.train import Trainer, TrainOptions
+    from detkit.engine.train import TrainOptions
 
     train, _ = load_split(REPO / "data" / "trees" / "trees.data", "train")
     options = TrainOptions(cfg=sized_cfg(args.cfg, args.size), train=train, val=[],
@@ -49,24 +71,11 @@ def main() -> None:
                            weights=REPO / "weights" / "yolov3-tiny.weights", cutoff=15, freeze=args.freeze,
                            device=args.device, max_batches=args.iterations, eval_interval=10**9,
                            checkpoint_interval=10**9, quiet=True)
-    trainer = Trainer(options)
-    finished: list[float] = []
-    log_iteration = trainer._log
-
-    def timed_log(bar, loss, parts, rate) -> None:
-        finished.append(time.perf_counter())
-        log_iteration(bar, loss, parts, rate)
-
-    trainer._log = timed_log
-    trainer.train()
-    counted = len(finished) - args.skip
-    if args.skip < 1 or counted < 1:
-        raise SystemExit("--skip must be at least 1 and below --iterations")
-    rate = trainer.hyper["batch"] * counted / (finished[-1] - finished[args.skip - 1])
+    rate, trainer, timed = training_rate(options, args.skip)
     frozen = f"layers 0..{trainer.frozen - 1} frozen" if trainer.frozen else "all layers trained"
     print(f"{args.cfg.name} at {trainer.model.input_size[0]}x{trainer.model.input_size[1]}, "
           f"{frozen}, batch {trainer.hyper['batch']}: "
-          f"{rate:.2f} images/s over iterations {args.skip + 1}-{len(finished)} ({args.device})")
+          f"{rate:.2f} images/s over iterations {args.skip + 1}-{args.skip + timed} ({args.device})")
 
 
 if __name__ == "__main__":
