@@ -133,6 +133,7 @@ def _is_float_int(value: str) -> bool:
 
 def parse_cfg_text(text: str, path: str = "<cfg>") -> list[Section]:
     """Parse cfg text into sections. The first section must be [net] (or [network])."""
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark (Windows editors write one)
     sections: list[Section] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = "".join(raw.split())
@@ -172,6 +173,8 @@ def parse_cfg(source: str | Path) -> list[Section]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise CfgError(f"{path}: cfg file not found") from None
+    except IsADirectoryError:
+        raise CfgError(f"{path}: is a directory, not a cfg file") from None
     except OSError as exc:
         raise CfgError(f"{path}: cannot read cfg file ({exc.strerror})") from None
     return parse_cfg_text(text, str(path))

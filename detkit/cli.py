@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .cli_train import TILE_HELP, TILE_OVERLAP_HELP
-from .errors import DetkitError
+from .errors import DetkitError, SourceError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Darknet-style object detection on PyTorch: detect, train, eval, benchmark.")
@@ -89,6 +89,12 @@ def benchmark(
     model = load_model(cfg, weights)
     size = parse_size(img_size) or model.input_size
     model.shapes(size)  # a size the graph cannot take fails here, with the layer named
+    if fps:
+        from .engine.predict import pick_device
+        from .memory import check_fits
+
+        check_fits(model.activation_bytes(size, batch=max(batches)), pick_device(device),
+                   f"{cfg.name} at {size[0]}x{size[1]}, batch {max(batches)}")
     table = layer_table(model, size)
     typer.echo(table.format())
     result = table.to_dict()
@@ -155,7 +161,7 @@ def detect(
     from .engine.outputs import check_writable_dir, check_writable_file, next_run_dir
     from .engine.predict import Detector, default_model_files
     from .engine.run import DetectSettings, format_result_line, format_summary, run_detect
-    from .engine.sources import release_sources, resolve_sources
+    from .engine.sources import SourceWarning, release_sources, resolve_sources_skipping
 
     size = parse_size(img_size)
     if batch < 1:
@@ -163,8 +169,15 @@ def detect(
     if show and sys.platform.startswith("linux") and not (
             os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise DetkitError("--show needs a display (DISPLAY is not set)")
-    # Everything that can be checked is checked before any work, cheapest first.
-    found = resolve_sources(sources, recursive)
+    # Everything that can be checked is checked before any work, cheapest first. A source that
+    # cannot be read is skipped with a warning and fails the run at the end (exit 2), so one
+    # typo neither stops the other sources nor goes unnoticed in a script.
+    found, problems = resolve_sources_skipping(sources, recursive)
+    if not found and problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SourceError(problems[0] + more)
+    for problem in problems:
+        warnings.warn(f"{problem} (skipped)", SourceWarning, stacklevel=1)
     try:
         if cfg is None:
             cfg, default_weights = default_model_files()
@@ -172,8 +185,8 @@ def detect(
         elif weights is None:
             raise DetkitError(f"--weights is needed with --cfg {cfg}")
         for label, path in (("cfg", cfg), ("weights", weights), ("names", names)):
-            if path is not None and not Path(path).is_file():
-                raise DetkitError(f"{label} file {path} not found")
+            if path is not None:
+                check_input_file(Path(path), label)
         if save_json is not None:
             check_writable_file(save_json)
         created = out is None or not out.exists()
@@ -203,6 +216,10 @@ def detect(
         typer.echo(line)
     if summary.interrupted:
         raise typer.Exit(130)
+    failed = len(problems) + summary.skipped_images
+    if failed:
+        raise SourceError(f"{failed} source(s) could not be read and were skipped (warnings "
+                          "above); the others' results are saved")
 
 
 @app.command()
@@ -222,8 +239,7 @@ def convert(
     if kind not in kinds:
         raise DetkitError(f"convert: unknown kind '{kind}' (known: {', '.join(kinds)})")
     for label, path in (("state dict", source), ("cfg", cfg)):
-        if not Path(path).is_file():
-            raise DetkitError(f"{label} file {path} not found")
+        check_input_file(Path(path), label)
     report = convert_torchvision_ssd(source, cfg, out)
     typer.echo(f"wrote {out}: {report.convolutions} convolutions, {report.l2norms} l2norm, "
                f"{report.head_sources} head sources from {source}")
@@ -306,6 +322,14 @@ def export(
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def check_input_file(path: Path, label: str) -> None:
+    """An input that is not a readable file, said as what it is (missing, a directory)."""
+    if path.is_dir():
+        raise DetkitError(f"{label} {path} is a directory, not a file")
+    if not path.is_file():
+        raise DetkitError(f"{label} file {path} not found")
 
 
 def main() -> None:

@@ -49,6 +49,28 @@ def load_split(data: Path, split: str, names=None, strict: bool = False):
     return usable, dataset.names
 
 
+def run_inputs(data: Optional[Path], cfg: Optional[Path], val: Optional[Path],
+               resume: Optional[Path]) -> tuple[Path, Path, Optional[Path]]:
+    """--data, --cfg and --val, taken from the resumed run's last.pt where not given."""
+    if resume is not None and (data is None or cfg is None):
+        from .engine.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(resume / "last.pt")
+        recorded_data = saved.get("data")
+        if data is None and recorded_data is None:
+            raise DetkitError(f"{resume / 'last.pt'} does not record its data set (written by an "
+                              "older detkit): pass --data")
+        data = data or Path(recorded_data)
+        cfg = cfg or Path(saved["cfg"])
+        if val is None and saved.get("val_data"):
+            val = Path(saved["val_data"])
+    if data is None or cfg is None:
+        missing = " and ".join(f"--{name}" for name, value in (("data", data), ("cfg", cfg))
+                               if value is None)
+        raise DetkitError(f"{missing} needed (or --resume RUN_DIR to continue a run)")
+    return data, cfg, val
+
+
 def check_gpu_count(gpus: int, device: Optional[str]) -> None:
     """--gpus N on CUDA needs N visible GPUs (on the CPU, N gloo processes are fine)."""
     if pick_device(device).startswith("cuda"):
@@ -98,8 +120,10 @@ def next_run_dir(root: Path) -> Path:
 
 def train(
     ctx: typer.Context,
-    data: Path = typer.Option(..., "--data", help="darknet .data, image list, VOC folder or COCO json"),
-    cfg: Path = typer.Option(..., "--cfg", help="network .cfg (its [net] gives the schedule)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="darknet .data, image list, VOC folder or "
+                                        "COCO json (with --resume: the run's by default)"),
+    cfg: Optional[Path] = typer.Option(None, "--cfg", help="network .cfg (its [net] gives the schedule; "
+                                       "with --resume: the run's by default)"),
     weights: Optional[Path] = typer.Option(None, help="pretrained darknet .weights or detkit .pt"),
     cutoff: Optional[int] = typer.Option(None, help="load only layers 0..N-1 of --weights"),
     freeze: Optional[int] = typer.Option(None, help="do not train layers 0..N-1 (default: up to the cfg's "
@@ -107,6 +131,8 @@ def train(
     val: Optional[Path] = typer.Option(None, help="validation data (default: the .data valid= list)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default: runs/train/expN)"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from last.pt"),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="a fresh run may replace the run already "
+                                  "in --out (default: refused)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     max_batches: Optional[int] = typer.Option(None, help="iterations (overrides [net])"),
     batch: Optional[int] = typer.Option(None, help="images per iteration (overrides [net])"),
@@ -141,6 +167,7 @@ def train(
         check_gpu_count(gpus, device)
         raise typer.Exit(launch_processes(gpus, command_arguments(ctx)))
 
+    data, cfg, val = run_inputs(data, cfg, val, resume)
     train_items, names = load_split(data, "train", strict=strict)
     if val is not None:
         val_items, _ = load_split(val, "valid", names=names or None, strict=strict)
@@ -155,7 +182,8 @@ def train(
         subdivisions=subdivisions, learning_rate=lr, optimizer=optimizer, burn_in=burn_in, eval_interval=eval_interval,
         eval_tile=eval_tile,
         checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema, ema_warmup=ema_warmup,
-        augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []), sync_bn=sync_bn)
+        augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []), sync_bn=sync_bn,
+        exist_ok=exist_ok, data=str(data.resolve()), val_data=None if val is None else str(val.resolve()))
     result = Trainer(options).train()
     typer.echo(f"done: {result.iterations} iterations; mAP@0.5 last {result.last_map:.4f}, "
                f"best {result.best_map:.4f}; run folder {run_dir}")

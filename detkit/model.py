@@ -146,6 +146,23 @@ class Model(nn.Module):
             prev = out
         return pairs
 
+    def activation_bytes(self, size: tuple[int, int] | None = None, batch: int = 1,
+                         training: bool = False, element_bytes: int = 4) -> int:
+        """Estimated activation memory of one pass at input size (w, h): for inference the
+        largest layer's input plus output and every output kept for a later route, shortcut or
+        head; for training every output twice (kept for backward, and its gradient). Shape
+        arithmetic only, so it is safe to call for absurd sizes before allocating anything."""
+        pairs = self.shapes(size)
+        elements = [c * h * w for _, (c, h, w) in pairs]
+        if training:
+            total = 2 * sum(elements)
+        else:
+            first_in = [c * h * w for (c, h, w), _ in pairs[:1]]
+            inputs = first_in + elements[:-1]
+            kept = sum(elements[i] for i in self._keep)
+            total = max(a + b for a, b in zip(inputs, elements, strict=True)) + kept
+        return total * batch * element_bytes
+
     def _run(self, x: torch.Tensor, keep_all: bool):
         """One pass: every kept output, what each head's loss reads and its decode (eval).
 

@@ -8,14 +8,13 @@ parser.c load_weights_upto). The file is read once; tensors are filled from view
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write_bytes
 from .errors import WeightsError
 from .layers.conv import Connected, Convolutional, darknet_tensors
 
@@ -74,6 +73,20 @@ def _dontload(layer) -> bool:
     return bool(section is not None and section.options.get("dontload", ("0", 0))[0] not in ("0", ""))
 
 
+def _size_hint(layers: list, available: int) -> str:
+    """What a file of the wrong size most likely is: the first layers of this cfg (a backbone
+    such as darknet53.conv.74, loadable with --cutoff) or weights of another network."""
+    total = 0
+    for layer in layers:
+        total += sum(t.numel() for t in darknet_tensors(layer))
+        if total == available:
+            return (f"exactly layers 0..{layer.index} of this cfg: load them with --cutoff "
+                    f"{layer.index + 1}")
+        if total > available:
+            break
+    return "it fits no whole number of this cfg's layers: weights of another network?"
+
+
 def expected_floats(model, cutoff: int | None = None) -> int:
     return sum(t.numel() for layer in _loadable_layers(model, cutoff) for t in darknet_tensors(layer))
 
@@ -90,9 +103,8 @@ def load_darknet_weights(model, path: str | Path, cutoff: int | None = None,
     layers = _loadable_layers(model, cutoff)
     needed = sum(t.numel() for layer in layers for t in darknet_tensors(layer))
     if cutoff is None and not partial and needed != floats.size:
-        raise WeightsError(
-            f"{path}: the cfg needs {needed:,} floats but the file holds {floats.size:,} "
-            f"(use cutoff/partial loading for a truncated backbone file)")
+        raise WeightsError(f"{path}: the cfg needs {needed:,} floats but the file holds "
+                           f"{floats.size:,} ({_size_hint(layers, floats.size)})")
     if cutoff is not None and floats.size < needed:
         raise WeightsError(f"{path}: layers 0..{cutoff - 1} need {needed:,} floats but the file "
                            f"holds only {floats.size:,}")
@@ -210,25 +222,3 @@ def save_darknet_weights(model, path: str | Path, seen: int = 0, cutoff: int | N
         for t in darknet_tensors(layer):
             chunks.append(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
     atomic_write_bytes(Path(path), b"".join(chunks))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

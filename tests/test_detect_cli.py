@@ -73,7 +73,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 def test_photo_folder_with_a_corrupt_file(official_weights, tmp_path):
     """Folder in, annotated images + labels + COCO JSON out; the corrupt file is warned
-    about, skipped and counted; the default output is a new runs/detect/expN."""
+    about, skipped, counted and fails the run at the end; the default output is a new
+    runs/detect/expN."""
     from pycocotools.coco import COCO
 
     photos = tmp_path / "photos"
@@ -84,7 +85,9 @@ def test_photo_folder_with_a_corrupt_file(official_weights, tmp_path):
     (tmp_path / "runs" / "detect" / "exp").mkdir(parents=True)  # an earlier run
     result = detkit(str(photos), "--device", "cpu", "--save-json", "results.json", "--save-txt",
                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    # the unreadable file fails the run at the end (exit 2); the readable ones are all saved
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 source(s) could not be read")
     out = tmp_path / "runs" / "detect" / "exp2"
     lines = result.stdout.splitlines()
     dog_line = next(line for line in lines if line.startswith("000000000042.jpg: "))

@@ -17,7 +17,8 @@ PACKAGE = REPO / "detkit"
 # docs/architecture.md's picture, bottom first. A module may import its own rank or below;
 # within a rank the no-cycle test keeps the order one-way.
 RANKS = [
-    {"detkit.errors", "detkit.boxes", "detkit.native", "detkit.registry"},
+    {"detkit.errors", "detkit.boxes", "detkit.native", "detkit.registry", "detkit.atomic",
+     "detkit.memory"},
     {"detkit.cfg"},
     {"detkit.layers"},
     {"detkit.heads"},

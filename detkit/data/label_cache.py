@@ -4,8 +4,10 @@ Reading a darknet image list means opening every label file and every image head
 large set that costs more than the first training iterations. The result (items and problems)
 is written next to the list (``train.txt`` -> ``train.txt.cache``; a YOLO label folder ->
 ``labels.cache`` in it) under a key: a SHA-256 over the reader's settings and, for every entry,
-the resolved image and label paths with their sizes and modification times. Any change to the
-list, a label file, an image or the settings gives another key, and the cache is rebuilt.
+the resolved image path with its size and modification time, and the label path with a digest
+of its bytes (labels are small: a tool that rewrites one within the same second and at the same
+size, or restores its old mtime, must still invalidate the cache). Any change to the list, a
+label file, an image or the settings gives another key, and the cache is rebuilt.
 
 The cache is plain JSON (never pickle: a file from elsewhere must not run code). A cache that
 cannot be read, parsed or matched is ignored; one that cannot be written (read-only folder) is
@@ -25,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger("detkit")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # the key holds label digests now, so keys of older caches never match
 
 
 def file_state(path: Path | None) -> list | None:
@@ -37,6 +39,17 @@ def file_state(path: Path | None) -> list | None:
     except OSError:
         return [str(path), None, None]
     return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def label_state(path: Path | None) -> list | None:
+    """What the key knows about one label file: path and a digest of its bytes (None when
+    absent or unreadable)."""
+    if path is None:
+        return None
+    try:
+        return [str(path), hashlib.sha256(path.read_bytes()).hexdigest()]
+    except OSError:
+        return [str(path), None]
 
 
 def cache_key(parts: Any) -> str:

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError
-from .label_cache import cache_key, file_state, read_cache, write_cache
+from .label_cache import cache_key, file_state, label_state, read_cache, write_cache
 from .problems import (
     BAD_BOX,
     MALFORMED,
@@ -246,7 +246,7 @@ def read_image_list(path: Path, *, names: list[str], missing_labels: str = "erro
     count = class_count if class_count is not None else len(names)
     entries = [(number, entry, *_locate(entry, bases)) for number, entry in _list_entries(path)]
     key = cache_key(["image list", str(path), count, missing_labels,
-                     [[n, e, file_state(i), file_state(lb)] for n, e, i, lb in entries]])
+                     [[n, e, file_state(i), label_state(lb)] for n, e, i, lb in entries]])
     cache_file = path.with_name(path.name + LIST_CACHE_SUFFIX) if cache else None
     items, problems = _cached(cache_file, key, lambda: _parse_list(
         path, entries, count, missing_labels, bases, progress))
@@ -384,7 +384,7 @@ def read_yolo_folder(path: Path, labels: Iterable[Path], names: Sequence[str] | 
     class_names = list(names) if names else _folder_names(path)
     pairs = [(label, _image_beside(label)) for label in labels]
     key = cache_key(["yolo folder", len(class_names),
-                     [[file_state(label), file_state(image)] for label, image in pairs]])
+                     [[label_state(label), file_state(image)] for label, image in pairs]])
     cache_file = path / FOLDER_CACHE_NAME if cache else None
     items, problems = _cached(cache_file, key, lambda: _parse_folder(pairs, len(class_names),
                                                                      progress))

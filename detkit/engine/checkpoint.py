@@ -6,6 +6,7 @@ through load_model."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +20,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to memory, then temp file + fsync + rename: a kill never leaves half a file."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    try:
+        atomic_write_bytes(Path(path), buffer.getvalue())
+    except OSError as exc:  # disk full, folder removed or read-only: the old file is intact
+        raise WeightsError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -27,8 +31,30 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: checkpoint not found") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a directory, not a checkpoint") from None
     except Exception as exc:  # pickle or zip errors from a damaged or foreign file
-        raise WeightsError(f"{path}: not a loadable detkit checkpoint ({exc})") from None
+        raise WeightsError(f"{path}: not a loadable detkit checkpoint ({why_unloadable(path, exc)})"
+                           ) from None
+
+
+def why_unloadable(path: Path, exc: Exception) -> str:
+    """torch.load's failure in one line. Its weights_only message runs to a dozen lines and
+    advises weights_only=False, which would run code from the file: never pass that on."""
+    try:
+        if Path(path).stat().st_size == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return (f"it holds a Python object ({unsafe.group(1)}), not only tensors; detkit loads "
+                "checkpoints with weights_only=True and never runs code from a file")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds Python objects, not only tensors (weights_only=True refuses them)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first or type(exc).__name__
 
 
 def load_checkpoint_into(model: Model, path: Path) -> None:

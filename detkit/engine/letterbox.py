@@ -121,13 +121,29 @@ def resize_nhwc(x: torch.Tensor, new_w: int, new_h: int) -> torch.Tensor:
     _, h, w, _ = x.shape
     if (w, h) == (new_w, new_h):
         return x
-    c0, c1, cw0, cw1 = _taps(w, new_w, x.device, last_edge=True)
-    cw0 = cw0.to(x.dtype).view(-1, 1)
-    cw1 = cw1.to(x.dtype).view(-1, 1)
-    part = x.index_select(2, c0) * cw0 + x.index_select(2, c1) * cw1
-    r0, r1, rw0, rw1 = _taps(h, new_h, x.device, last_edge=False)
-    rw0 = rw0.to(x.dtype).view(-1, 1, 1)
-    rw1 = rw1.to(x.dtype).view(-1, 1, 1)
+    return _vertical_pass(_horizontal_pass(x, new_w, lambda t: t), new_h)
+
+
+def resize_uint8_nhwc(frames: torch.Tensor, new_w: int, new_h: int) -> torch.Tensor:
+    """resize_nhwc(to_float(frames)), the same values, without a full-size float copy: the
+    horizontal gather reads the uint8 pixels (gathering commutes with the /255), so a
+    20000x20000 photo costs two H x new_w float planes instead of 4.8 GB."""
+    _, h, w, _ = frames.shape
+    if (w, h) == (new_w, new_h):
+        return to_float(frames)
+    return _vertical_pass(_horizontal_pass(frames, new_w, to_float), new_h)
+
+
+def _horizontal_pass(x: torch.Tensor, new_w: int, convert) -> torch.Tensor:
+    c0, c1, cw0, cw1 = _taps(x.shape[2], new_w, x.device, last_edge=True)
+    left, right = convert(x.index_select(2, c0)), convert(x.index_select(2, c1))
+    return left * cw0.to(left.dtype).view(-1, 1) + right * cw1.to(left.dtype).view(-1, 1)
+
+
+def _vertical_pass(part: torch.Tensor, new_h: int) -> torch.Tensor:
+    r0, r1, rw0, rw1 = _taps(part.shape[1], new_h, part.device, last_edge=False)
+    rw0 = rw0.to(part.dtype).view(-1, 1, 1)
+    rw1 = rw1.to(part.dtype).view(-1, 1, 1)
     return part.index_select(1, r0) * rw0 + part.index_select(1, r1) * rw1
 
 
@@ -162,7 +178,7 @@ def letterbox_batch(images: Sequence[np.ndarray], net_size: tuple[int, int],
         frames = torch.from_numpy(np.ascontiguousarray(stacked)).to(device, non_blocking=True)
         p = places[indices[0]]
         # BGR HWC -> RGB CHW as part of the one copy into the canvas (exact: resize is per channel)
-        resized = resize_nhwc(to_float(frames), p.new_w, p.new_h).permute(0, 3, 1, 2).flip(1)
+        resized = resize_uint8_nhwc(frames, p.new_w, p.new_h).permute(0, 3, 1, 2).flip(1)
         index = torch.as_tensor(indices, device=device)
         if len(indices) == len(images):
             batch[:, :, p.dy:p.dy + p.new_h, p.dx:p.dx + p.new_w] = resized

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import threading
 from pathlib import Path
 
+from ..atomic import NotRegularFile, atomic_write_bytes, write_target
 from ..errors import DetkitError
 from .predict import Detection
 
@@ -60,41 +60,77 @@ def check_writable_dir(folder: Path, what: str = "--out") -> bool:
 
 
 def check_writable_file(path: Path, what: str = "--save-json") -> None:
-    """The file's folder must exist (or be creatable) and be writable; the file not a folder."""
-    if path.is_dir():
-        raise DetkitError(f"{what} {path} is a folder, not a file")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), what)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Before any work: the file's folder must exist (or be creatable) and be writable, and the
+    path must be a regular file or nothing (a symlink counts as its target; see detkit.atomic)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        target, _ = write_target(path)
+    except NotRegularFile as exc:
+        raise DetkitError(f"{what} {path} is {exc.strerror}") from None
+    check_writable_dir(target.parent if str(target.parent) else Path("."), what)
+
+
+def atomic_write_text(path: Path, text: str, what: str = "output") -> None:
+    """Write whole or not at all, keeping the old file's mode (detkit.atomic); a failure (disk
+    full at the target, a path that turned into a FIFO) is one clear error."""
+    try:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise DetkitError(f"{what} {path}: cannot write ({exc.strerror or exc})") from None
+
+
+OUTPUTS_MANIFEST = ".detkit-outputs"
 
 
 class UniqueNames:
-    """Output file names, deduplicated: a/x.jpg and b/x.jpg become x.jpg and x_2.jpg."""
+    """Output file names, deduplicated: a/x.jpg and b/x.jpg become x.jpg and x_2.jpg.
 
-    def __init__(self) -> None:
+    With a `folder`, a stem is also taken when a file of that stem (any of `suffixes`, or
+    labels/<stem>.txt) is already there and detkit did not write it: the user's own dog.jpg in
+    an --out folder is never overwritten. What detkit writes is listed in the folder's
+    .detkit-outputs, so a second run into the same folder replaces its own earlier results.
+    """
+
+    def __init__(self, folder: Path | None = None, suffixes: tuple[str, ...] = ()) -> None:
         self._used: set[str] = set()
         self._lock = threading.Lock()
+        self.folder = folder
+        self.suffixes = suffixes
+        self._ours = self._read_manifest()
+
+    def _read_manifest(self) -> set[str]:
+        if self.folder is None:
+            return set()
+        try:
+            return set((self.folder / OUTPUTS_MANIFEST).read_text(encoding="utf-8").splitlines())
+        except OSError:
+            return set()
+
+    def _someone_elses(self, stem: str) -> bool:
+        if self.folder is None:
+            return False
+        names = [f"{stem}{suffix}" for suffix in self.suffixes] + [f"labels/{stem}.txt"]
+        return any(name not in self._ours and (self.folder / name).exists() for name in names)
 
     def claim(self, stem: str, suffix: str) -> str:
         with self._lock:
             name, n = f"{stem}{suffix}", 1
-            while name.lower() in self._used:
+            while name.lower() in self._used or self._someone_elses(Path(name).stem if suffix
+                                                                     else name):
                 n += 1
                 name = f"{stem}_{n}{suffix}"
             self._used.add(name.lower())
             return name
+
+    def record(self, name: str) -> None:
+        """`name` (relative to the folder) was written by detkit: later runs may replace it."""
+        if self.folder is None:
+            return
+        with self._lock:
+            if name in self._ours:
+                return
+            self._ours.add(name)
+            with open(self.folder / OUTPUTS_MANIFEST, "a", encoding="utf-8") as manifest:
+                manifest.write(name + "\n")
 
 
 def image_id_for(stem: str, running_index: int) -> int:
@@ -126,7 +162,7 @@ class CocoJsonWriter:
                                  "score": round(det.score, 5)})
 
     def close(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.records))
+        atomic_write_text(self.path, json.dumps(self.records), "--save-json")
 
 
 def yolo_label_lines(detections: list[Detection], img_w: int, img_h: int) -> str:

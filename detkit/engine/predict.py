@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DetkitError, WeightsError
+from ..memory import check_fits
 from .checkpoint import load_model
 from .letterbox import correct_boxes, default_letterbox, letterbox_batch
 from .slicing import check_tiling, predict_sliced
@@ -196,6 +197,8 @@ class Detector:
         self.model = load_model(cfg, weights, device=str(self.device))
         self.input_size = check_img_size(img_size) or self.model.input_size
         self.model.shapes(self.input_size)  # a size the graph cannot take fails here, clearly
+        check_fits(self.model.activation_bytes(self.input_size), self.device,
+                   f"{Path(cfg).name} at {self.input_size[0]}x{self.input_size[1]}")
         # read from the cfg-built model, before it is swapped for a fast or onnxruntime copy
         self.letterbox = default_letterbox(self.model) if letterbox is None else bool(letterbox)
         self.half = bool(half) and self.device.type == "cuda"
@@ -286,7 +289,7 @@ def predict_letterboxed(model: torch.nn.Module, images: Sequence[np.ndarray],
     """`Detector.predict_arrays` without slicing, for any model (eval runs its own): BGR uint8
     images -> per image a CPU (K, 6) tensor x1, y1, x2, y2, score, class in image pixels.
     The whole batch is one forward pass and one device-to-host copy."""
-    from ..boxes import postprocess
+    from ..boxes import MAX_NMS, postprocess
     from .tta import predict_views
 
     if not images:
@@ -295,6 +298,6 @@ def predict_letterboxed(model: torch.nn.Module, images: Sequence[np.ndarray],
     preds = (predict_views(model, batch) if tta else model(batch)).float()
     if class_mask is not None:
         preds[..., 5:] = preds[..., 5:] * class_mask
-    per_image = postprocess(preds, conf_thresh, nms_thresh, max_det, merge=tta)
+    per_image = postprocess(preds, conf_thresh, nms_thresh, max_det, merge=tta, max_nms=MAX_NMS)
     corrected = [correct_boxes(d, p, input_size) for d, p in zip(per_image, places, strict=True)]
     return list(torch.cat(corrected).cpu().split([len(d) for d in corrected]))

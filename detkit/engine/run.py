@@ -107,7 +107,7 @@ class DetectRun:
         self.detector = detector
         self.settings = settings
         self.on_result = on_result
-        self.names = UniqueNames()
+        self.names = UniqueNames(settings.out_dir, tuple(sorted(IMAGE_OUT_SUFFIXES)) + (".mp4",))
         self.summary = DetectSummary(out_dir=settings.out_dir)
         self.labels_dir = settings.out_dir / "labels" if settings.save_txt else None
         self.json = (CocoJsonWriter(settings.save_json, detector.num_classes)
@@ -136,6 +136,7 @@ class DetectRun:
             return
         h, w = result.frame.image.shape[:2]
         path = self.labels_dir / f"{stem}.txt"
+        self.names.record(f"labels/{stem}.txt")
         path.write_text(yolo_label_lines(result.detections, w, h), encoding="utf-8")
 
     def _write_image(self, result: FrameResult) -> np.ndarray:
@@ -146,6 +147,7 @@ class DetectRun:
         ok, encoded = cv2.imencode(suffix, image)
         if not ok:
             raise DetkitError(f"cannot encode {frame.name} as {suffix}")
+        self.names.record(f"{frame.out_stem}{suffix}")
         encoded.tofile(str(self.settings.out_dir / f"{frame.out_stem}{suffix}"))
         self._write_labels(result, frame.out_stem)
         return image
@@ -174,6 +176,7 @@ class DetectRun:
         name = Path(source.location).name if source.kind == "video" else source.location
         frames = VideoFrames(source, info, cap, name, stem)
         sink = VideoSink(self.settings.out_dir / f"{stem}.mp4", info)
+        self.names.record(f"{stem}.mp4")
 
         def write(result: FrameResult) -> np.ndarray:
             image = draw_detections(result.frame.image, result.detections,
@@ -197,6 +200,7 @@ class DetectRun:
 
     def run(self, sources: list[Source]) -> DetectSummary:
         """Process every source in order; stops early on Ctrl-C or 'q' and still saves."""
+        self.settings.out_dir.mkdir(parents=True, exist_ok=True)  # the CLI made it; the API may not
         if self.labels_dir is not None:
             self.labels_dir.mkdir(parents=True, exist_ok=True)
             self.summary.labels_dir = self.labels_dir

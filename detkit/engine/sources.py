@@ -192,6 +192,33 @@ def resolve_sources(args: list[str], recursive: bool = False) -> list[Source]:
     return sources
 
 
+def resolve_sources_skipping(args: list[str], recursive: bool = False
+                             ) -> tuple[list[Source], list[str]]:
+    """The CLI's rule for many sources: each argument that cannot be resolved (missing file,
+    empty folder, unknown extension, camera or stream that will not open) is left out and
+    reported, so one typo does not stop the others; (usable sources, one reason per argument
+    left out). Files first, then captures are opened, as resolve_sources."""
+    if not args:
+        raise SourceError("no source given")
+    sources: list[Source] = []
+    problems: list[str] = []
+    for arg in args:
+        try:
+            sources.extend(resolve_source(arg, recursive))
+        except SourceError as exc:
+            problems.append(str(exc))
+    usable = []
+    for source in sources:
+        if source.kind in ("camera", "stream"):
+            try:
+                source.capture = open_capture(source.location)
+            except SourceError as exc:
+                problems.append(str(exc))
+                continue
+        usable.append(source)
+    return usable, problems
+
+
 def release_sources(sources: list[Source]) -> None:
     """Close captures opened while validating (cameras, streams) that were never used."""
     for source in sources:

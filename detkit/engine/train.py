@@ -27,6 +27,7 @@ from ..data.dataset import DetectionDataset, ResumableSampler, Sample, collate
 from ..data.ssd_augment import SSDAugment
 from ..errors import DetkitError
 from ..layers.conv import convert_sync_batchnorm
+from ..memory import check_fits
 from ..model import Model, model_from_cfg
 from ..weights import load_darknet_weights, load_darknet_weights_transfer, save_darknet_weights
 from .checkpoint import load_checkpoint, load_checkpoint_into, save_checkpoint
@@ -71,6 +72,9 @@ class TrainOptions:
     quiet: bool = False
     names: list[str] = field(default_factory=list)  # class names, for the plots
     sync_bn: bool = False               # SyncBatchNorm across processes (CUDA)
+    exist_ok: bool = False              # a fresh run may replace the run already in `out`
+    data: str | None = None             # where train/val came from, recorded for --resume
+    val_data: str | None = None
 
 
 @dataclass
@@ -127,6 +131,36 @@ def process_device(device: str) -> torch.device:
     return chosen
 
 
+RUN_FILES = ("last.pt", "best.pt", "last.weights", "metrics.csv")
+
+
+def check_run_folder(out: Path, resume: bool, exist_ok: bool) -> None:
+    """Refuse, before any work, a run folder that is a file, or one that already holds a run
+    when this one is fresh: its checkpoints would be replaced and metrics.csv appended to."""
+    if out.exists() and not out.is_dir():
+        raise DetkitError(f"--out {out} is a file, not a folder")
+    if resume:
+        return
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not exist_ok:
+        raise DetkitError(f"--out {out} already holds a run ({', '.join(held)}): continue it with "
+                          f"--resume {out}, replace it with --exist-ok, or pick another folder")
+
+
+def make_run_folder(out: Path, replace: bool) -> None:
+    """Create `out`; with `replace` (--exist-ok) the old run's metrics.csv goes, so its rows are
+    not mixed with the new run's."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if replace:
+            (out / "metrics.csv").unlink(missing_ok=True)
+    except OSError as exc:
+        raise DetkitError(f"--out {out}: cannot create the run folder ({exc.strerror or exc})"
+                          ) from None
+    if not os.access(out, os.W_OK):
+        raise DetkitError(f"--out {out}: the folder is not writable")
+
+
 class Trainer:
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
@@ -134,6 +168,7 @@ class Trainer:
         self.rank, self.world = distributed_context(self.device)
         torch.manual_seed(options.seed)
         random.seed(options.seed)
+        check_run_folder(options.out, options.resume, options.exist_ok)
         self.model = model_from_cfg(options.cfg)
         if not self.model.heads:
             raise DetkitError(f"{options.cfg}: has no detection layer to train")
@@ -148,6 +183,7 @@ class Trainer:
         self.hyper = self._hyper()
         self.schedule = Schedule.from_net(self.model.net)
         self._apply_overrides()
+        self._check_memory()
         self._keep_resumed_optimizer(saved)
         self.ema = copy.deepcopy(self.model).eval() if options.ema > 0 else None
         self.optimizer = make_optimizer(self.hyper, parameter_groups(self.model, self.hyper["decay"]),
@@ -155,7 +191,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.amp == "fp16" and self.device.type == "cuda")
         self.iteration, self.best_map, self.history = 0, -1.0, []
         self._minutes_before = 0.0  # training minutes of the runs this one resumes
-        options.out.mkdir(parents=True, exist_ok=True)
+        make_run_folder(options.out, replace=options.exist_ok and not options.resume)
         if saved is not None:
             self._resume(saved, options.out / "last.pt")
         self.train_model = self._wrap_ddp(self.model)
@@ -254,11 +290,22 @@ class Trainer:
             self.schedule.burn_in = o.burn_in
         if o.optimizer is not None:
             self.hyper["optimizer"] = o.optimizer
+        for key in ("batch", "subdivisions"):
+            if self.hyper[key] < 1:
+                raise DetkitError(f"{key}={self.hyper[key]} must be at least 1 (--{key} or [net] {key})")
         if self.hyper["batch"] % (self.hyper["subdivisions"] * self.world):
             raise DetkitError(f"batch={self.hyper['batch']} must divide by subdivisions="
                               f"{self.hyper['subdivisions']} x processes={self.world}")
         if self.schedule.max_batches <= 0:
             raise DetkitError("max_batches must be positive ([net] max_batches or --max-batches)")
+
+    def _check_memory(self) -> None:
+        """One micro-batch's training activations at the largest input size this run uses."""
+        micro = self.hyper["batch"] // self.hyper["subdivisions"] // self.world
+        multiscale = self.options.multiscale if self.options.multiscale is not None else self.hyper["random"]
+        size = (608, 608) if multiscale else self.model.input_size
+        check_fits(self.model.activation_bytes(size, batch=micro, training=True), self.device,
+                   f"training {Path(self.options.cfg).name} at {size[0]}x{size[1]}, micro-batch {micro}")
 
     def _keep_resumed_optimizer(self, saved: dict | None) -> None:
         """A resumed run keeps its optimiser (`--optimizer` may only repeat it): SGD's momentum
@@ -285,7 +332,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "iteration": self.iteration,
                 "seen": self.model.seen, "best_map": self.best_map,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "torch_rng": torch.get_rng_state(), "cfg": str(self.options.cfg),
+                "torch_rng": torch.get_rng_state(), "cfg": str(Path(self.options.cfg).resolve()),
+                "data": self.options.data, "val_data": self.options.val_data,
                 "frozen_layers": self.frozen, "optimizer_kind": self.hyper["optimizer"],
                 "minutes": self._minutes()}
 
@@ -296,9 +344,39 @@ class Trainer:
             return self._minutes_before
         return self._minutes_before + (time.perf_counter() - self._started) / 60
 
-    def save(self, name: str = "last.pt") -> None:
-        if self.rank == 0:
-            save_checkpoint(self.options.out / name, self._state())
+    def save(self, name: str = "last.pt") -> bool:
+        """Write a checkpoint unless the model went non-finite: a diverged run must never replace
+        the last good checkpoint (it could not be resumed); whether it was written."""
+        if self.rank != 0:
+            return False
+        if not self._finite():
+            log.warning("warning: %s not written: the model holds NaN or infinite values at "
+                        "iteration %d; the last finite checkpoint is kept", name, self.iteration)
+            return False
+        save_checkpoint(self.options.out / name, self._state())
+        return True
+
+    def _finite(self) -> bool:
+        """Every float weight and statistic finite (batch norm's running stats go NaN in the
+        forward pass of a diverging step, even when the update itself is skipped)."""
+        models = [self.model] + ([self.ema] if self.ema is not None else [])
+        return all(bool(torch.isfinite(t).all()) for m in models for t in m.state_dict().values()
+                   if t.is_floating_point())
+
+    def _save_at_exit(self, failing: bool) -> None:
+        """last.pt and last.weights when the loop ends; while another error is on its way out,
+        a failing save (disk full again) is logged, not raised over it."""
+        try:
+            if self.save() and self.rank == 0:
+                save_darknet_weights(self.ema or self.model, self.options.out / "last.weights",
+                                     seen=self.model.seen)
+        except (DetkitError, OSError) as exc:
+            if not failing:
+                if isinstance(exc, OSError):
+                    raise DetkitError(f"{self.options.out}: cannot write the final weights "
+                                      f"({exc.strerror or exc})") from None
+                raise
+            log.debug("final save skipped: %s", exc)
 
     def _resume(self, state: dict, path: Path) -> None:
         self.model.load_state_dict(state["model"])
@@ -359,6 +437,7 @@ class Trainer:
         bar = tqdm(total=self.schedule.max_batches, initial=self.iteration, disable=self.options.quiet or self.rank,
                    desc="train", unit="it")
         last_map = self.best_map
+        failing = True
         try:
             while self.iteration < self.schedule.max_batches and not stop["now"]:
                 started = time.perf_counter()
@@ -377,12 +456,11 @@ class Trainer:
             if not stop["now"] and (not self.options.eval_interval
                                     or self.iteration % self.options.eval_interval):
                 last_map = self._evaluate_and_keep_best()
+            failing = False
         finally:
             signal.signal(signal.SIGINT, previous)
             bar.close()
-            self.save()
-            if self.rank == 0:
-                save_darknet_weights(self.ema or self.model, self.options.out / "last.weights", seen=self.model.seen)
+            self._save_at_exit(failing)
         if stop["now"]:
             raise KeyboardInterrupt
         return TrainResult(self.iteration, self.best_map, last_map, self.history)
@@ -467,7 +545,7 @@ class Trainer:
         self._write_plots(result)
         if mean_ap > self.best_map:
             self.best_map = mean_ap
-            save_checkpoint(self.options.out / "best.pt", self._state())
+            self.save("best.pt")
         log.info("iteration %d: mAP@0.5 %.4f (best %.4f)", self.iteration, mean_ap, self.best_map)
         return mean_ap
 
