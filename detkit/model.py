@@ -157,8 +157,7 @@ class Model(nn.Module):
         if training:
             total = 2 * sum(elements)
         else:
-            first_in = [c * h * w for (c, h, w), _ in pairs[:1]]
-            inputs = first_in + elements[:-1]
+            inputs = [c * h * w for (c, h, w), _ in pairs]
             kept = sum(elements[i] for i in self._keep)
             total = max(a + b for a, b in zip(inputs, elements, strict=True)) + kept
         return total * batch * element_bytes

@@ -221,4 +221,7 @@ def save_darknet_weights(model, path: str | Path, seen: int = 0, cutoff: int | N
     for layer in list(model.layers)[:stop]:
         for t in darknet_tensors(layer):
             chunks.append(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
-    atomic_write_bytes(Path(path), b"".join(chunks))
+    try:
+        atomic_write_bytes(Path(path), b"".join(chunks))
+    except OSError as exc:  # disk full, folder removed or read-only: the old file is intact
+        raise WeightsError(f"{path}: cannot write the weights ({exc.strerror or exc})") from None

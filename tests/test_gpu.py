@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DARKNET_DATA, REPO, TINY_WEIGHTS, randomize_model
+from torchvision.ops import box_iou
 
 import detkit
 from detkit.boxes import postprocess
@@ -55,16 +56,6 @@ def photos() -> list[np.ndarray]:
 
 # -- the matching rule -------------------------------------------------------------------------
 
-def iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of one x1, y1, x2, y2 box with each row of `boxes`."""
-    x1, y1 = torch.maximum(box[0], boxes[:, 0]), torch.maximum(box[1], boxes[:, 1])
-    x2, y2 = torch.minimum(box[2], boxes[:, 2]), torch.minimum(box[3], boxes[:, 3])
-    inter = (x2 - x1).clamp_min(0) * (y2 - y1).clamp_min(0)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / (area + areas - inter).clamp_min(1e-9)
-
-
 def mismatches(reference: torch.Tensor, other: torch.Tensor, conf: float = CONF) -> list[str]:
     """Rows (x1, y1, x2, y2, score, class) clear of the threshold on one side with no partner on
     the other: same class, IoU at least IOU_MIN, score within SCORE_TOL. Empty when equal."""
@@ -72,7 +63,7 @@ def mismatches(reference: torch.Tensor, other: torch.Tensor, conf: float = CONF)
     for label, mine, theirs in (("lost", reference, other), ("added", other, reference)):
         for row in mine[mine[:, 4] >= conf + MARGIN]:
             same_class = theirs[theirs[:, 5] == row[5]]
-            close = (iou(row[:4], same_class[:, :4]) >= IOU_MIN) & \
+            close = (box_iou(row[None, :4], same_class[:, :4])[0] >= IOU_MIN) & \
                     ((same_class[:, 4] - row[4]).abs() <= SCORE_TOL)
             if not bool(close.any()):
                 problems.append(f"{label}: class {int(row[5])} score {float(row[4]):.3f} "

@@ -113,13 +113,12 @@ class UniqueNames:
 
     def claim(self, stem: str, suffix: str) -> str:
         with self._lock:
-            name, n = f"{stem}{suffix}", 1
-            while name.lower() in self._used or self._someone_elses(Path(name).stem if suffix
-                                                                     else name):
+            candidate, n = stem, 1
+            while f"{candidate}{suffix}".lower() in self._used or self._someone_elses(candidate):
                 n += 1
-                name = f"{stem}_{n}{suffix}"
-            self._used.add(name.lower())
-            return name
+                candidate = f"{stem}_{n}"
+            self._used.add(f"{candidate}{suffix}".lower())
+            return f"{candidate}{suffix}"
 
     def record(self, name: str) -> None:
         """`name` (relative to the folder) was written by detkit: later runs may replace it."""

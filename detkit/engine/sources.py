@@ -177,18 +177,13 @@ def resolve_sources(args: list[str], recursive: bool = False) -> list[Source]:
     Files first, then cameras and streams are opened (slow, and kept open for the run), so a
     typo in a file name never waits for a network timeout.
     """
-    if not args:
-        raise SourceError("no source given")
-    sources: list[Source] = []
-    for arg in args:
-        sources.extend(resolve_source(arg, recursive))
-    try:
-        for source in sources:
-            if source.kind in ("camera", "stream"):
-                source.capture = open_capture(source.location)
-    except SourceError:
+    sources, problems = _resolve_arguments(args, recursive)
+    if problems:
+        raise SourceError(problems[0])
+    _open_captures(sources, problems)
+    if problems:
         release_sources(sources)
-        raise
+        raise SourceError(problems[0])
     return sources
 
 
@@ -198,6 +193,11 @@ def resolve_sources_skipping(args: list[str], recursive: bool = False
     empty folder, unknown extension, camera or stream that will not open) is left out and
     reported, so one typo does not stop the others; (usable sources, one reason per argument
     left out). Files first, then captures are opened, as resolve_sources."""
+    sources, problems = _resolve_arguments(args, recursive)
+    return _open_captures(sources, problems), problems
+
+
+def _resolve_arguments(args: list[str], recursive: bool) -> tuple[list[Source], list[str]]:
     if not args:
         raise SourceError("no source given")
     sources: list[Source] = []
@@ -207,7 +207,13 @@ def resolve_sources_skipping(args: list[str], recursive: bool = False
             sources.extend(resolve_source(arg, recursive))
         except SourceError as exc:
             problems.append(str(exc))
-    usable = []
+    return sources, problems
+
+
+def _open_captures(sources: list[Source], problems: list[str]) -> list[Source]:
+    """Open the cameras and streams; those that will not open are left out, their reason
+    appended to `problems`. The sources that are ready."""
+    ready = []
     for source in sources:
         if source.kind in ("camera", "stream"):
             try:
@@ -215,8 +221,8 @@ def resolve_sources_skipping(args: list[str], recursive: bool = False
             except SourceError as exc:
                 problems.append(str(exc))
                 continue
-        usable.append(source)
-    return usable, problems
+        ready.append(source)
+    return ready
 
 
 def release_sources(sources: list[Source]) -> None:

@@ -360,21 +360,19 @@ class Trainer:
         """Every float weight and statistic finite (batch norm's running stats go NaN in the
         forward pass of a diverging step, even when the update itself is skipped)."""
         models = [self.model] + ([self.ema] if self.ema is not None else [])
-        return all(bool(torch.isfinite(t).all()) for m in models for t in m.state_dict().values()
-                   if t.is_floating_point())
+        checks = [torch.isfinite(t).all() for m in models for t in m.state_dict().values()
+                  if t.is_floating_point()]
+        return bool(torch.stack(checks).all()) if checks else True   # one host-device sync
 
     def _save_at_exit(self, failing: bool) -> None:
         """last.pt and last.weights when the loop ends; while another error is on its way out,
         a failing save (disk full again) is logged, not raised over it."""
         try:
-            if self.save() and self.rank == 0:
+            if self.save():
                 save_darknet_weights(self.ema or self.model, self.options.out / "last.weights",
                                      seen=self.model.seen)
-        except (DetkitError, OSError) as exc:
+        except DetkitError as exc:
             if not failing:
-                if isinstance(exc, OSError):
-                    raise DetkitError(f"{self.options.out}: cannot write the final weights "
-                                      f"({exc.strerror or exc})") from None
                 raise
             log.debug("final save skipped: %s", exc)
 
