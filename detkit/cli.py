@@ -18,9 +18,31 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
                   help="Darknet-style object detection on PyTorch: detect, train, eval, benchmark.")
 
 
+WORKFLOW_ORDER = ("detect", "train", "eval", "benchmark", "export", "anchors", "convert")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"detkit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print detkit's version and exit")) -> None:
     """detkit: darknet cfgs and weights on PyTorch."""
+
+
+def _command_name(command) -> str:
+    return command.name or command.callback.__name__.replace("_", "-")
+
+
+def order_commands() -> None:
+    """`detkit --help` lists the commands in the order a user needs them, not as defined."""
+    rank = {name: i for i, name in enumerate(WORKFLOW_ORDER)}
+    app.registered_commands.sort(key=lambda command: rank.get(_command_name(command), len(rank)))
 
 
 def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -330,6 +352,9 @@ def check_input_file(path: Path, label: str) -> None:
         raise DetkitError(f"{label} {path} is a directory, not a file")
     if not path.is_file():
         raise DetkitError(f"{label} file {path} not found")
+
+
+order_commands()
 
 
 def main() -> None:
