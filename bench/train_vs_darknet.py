@@ -67,10 +67,10 @@ def run(command: list[str], cwd: Path, log: Path | None = None) -> tuple[str, fl
 
 
 def split_images(data: Path, key: str) -> list[Path]:
-    """Absolute image paths of a .data file's train= or valid= list (relative to the .data)."""
-    entries = dict(line.split("=", 1) for line in data.read_text().splitlines() if "=" in line)
-    listed = (data.parent / entries[key].strip()).read_text().split()
-    return [(data.parent / p).resolve() for p in listed]
+    """Absolute image paths of a .data file's train= or valid= list, found as detkit finds them."""
+    from detkit.data.labels import read_darknet_data
+
+    return [Path(item.image).resolve() for item in read_darknet_data(data, split=key, progress=False).items]
 
 
 def darknet_data(folder: Path) -> Path:

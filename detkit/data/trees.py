@@ -66,13 +66,6 @@ def boxes_in(boxes: np.ndarray, window: Region) -> np.ndarray:
     return clipped[keep]
 
 
-def cut(image: np.ndarray, boxes: np.ndarray, x0: int, y0: int, tile: int):
-    """A tile of the photo (smaller at its edges) and the boxes it keeps."""
-    h, w = image.shape[:2]
-    window = Region(x0, y0, min(x0 + tile, w), min(y0 + tile, h))
-    return image[window.y0:window.y1, window.x0:window.x1], boxes_in(boxes, window)
-
-
 def tile_windows(region: Region, tile: int, stride: int) -> list[Region]:
     """Windows of at most `tile` px covering `region`, every `stride` px, none crossing its edge."""
     width, height = region.x1 - region.x0, region.y1 - region.y0
