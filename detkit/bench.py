@@ -156,6 +156,8 @@ class BenchReport:
     peak_tflops: float | None
     torch_version: str
     results: list[BatchResult] = field(default_factory=list)
+    precision: str = "fp32"          # how --precision was resolved (auto's choice and guard)
+    openmp_wait_policy: str = ""     # detkit.openmp_wait_policy(): import order can change it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,7 +167,10 @@ class BenchReport:
         head = (f"{self.device_name} ({self.device}), {self.dtype}, "
                 f"{'fast path' if self.fast else 'eager'}{', torch.compile' if self.compile else ''}"
                 f", {self.threads} CPU thread(s), torch {self.torch_version}")
-        lines = [head, "batch  what          p50 ms    p90 ms    p99 ms    images/s"]
+        lines = [head]
+        if self.device.startswith("cpu"):
+            lines.append(f"precision {self.precision}; OpenMP wait policy {self.openmp_wait_policy}")
+        lines += ["batch  what          p50 ms    p90 ms    p99 ms    images/s"]
         for r in self.results:
             for what, t in (("model", r.model), ("end to end", r.end_to_end)):
                 if t is not None:
@@ -312,14 +317,17 @@ def pick_bench_device(device: str | None) -> torch.device:
 
 
 def prepare_model(model: Model, device: torch.device, fast: bool, half: bool, bf16: bool,
-                  compile: bool, size: tuple[int, int]) -> tuple[Model, str]:
-    """The model as it will be timed and the dtype it runs in."""
+                  compile: bool, size: tuple[int, int], precision: str = "fp32"
+                  ) -> tuple[Model, str, str]:
+    """The model as it will be timed, the dtype it runs in and how the precision was chosen."""
     if fast:
         from .fast import optimize_for_inference
 
         fast_model = optimize_for_inference(model, device, half=half, bf16=bf16,
-                                            compile=compile, size=size)
-        return fast_model, fast_model.fast_options.dtype
+                                            compile=compile, size=size, precision=precision)
+        return fast_model, fast_model.fast_options.dtype, fast_model.fast_options.precision_note
+    if precision == "bf16" and device.type == "cpu":
+        raise DetkitError("--precision bf16 runs on the fast path: drop --no-fast")
     model = model.to(device).eval()
     dtype = "float32"
     if device.type == "cuda" and (half or bf16):
@@ -329,7 +337,7 @@ def prepare_model(model: Model, device: torch.device, fast: bool, half: bool, bf
         log.warning("warning: --half/--bf16 need a CUDA device; timing float32 on %s", device)
     if compile:
         model = torch.compile(model)
-    return model, dtype
+    return model, dtype, dtype
 
 
 class _EagerCast(torch.nn.Module):
@@ -348,23 +356,27 @@ class _EagerCast(torch.nn.Module):
 def run_benchmark(model: Model, cfg: str, size: tuple[int, int], batches: Sequence[int],
                   device: str | None = None, fast: bool = True, half: bool = False,
                   bf16: bool = False, compile: bool = False, warmup: int = 5, iters: int = 30,
-                  end_to_end: bool = True, progress: bool = True) -> BenchReport:
+                  end_to_end: bool = True, progress: bool = True,
+                  precision: str = "fp32") -> BenchReport:
     """Time `model` (eval, any weights) per batch size, alone and end to end; see module doc."""
     from tqdm import tqdm
 
+    from . import openmp_wait_policy
     from .engine.letterbox import default_letterbox
 
     if warmup < 0 or iters < 1 or not batches or min(batches) < 1:
         raise DetkitError("need --warmup >= 0, --iters >= 1 and batch sizes >= 1")
     dev = pick_bench_device(device)
     letterbox = default_letterbox(model)  # end to end = what detect does with this cfg
-    timed, dtype = prepare_model(model, dev, fast, half, bf16, compile, size)
+    timed, dtype, precision_note = prepare_model(model, dev, fast, half, bf16, compile, size,
+                                                 precision)
     flops = layer_table(model, size).bflops * 1e9
     name = device_name(dev)
     report = BenchReport(cfg=cfg, input_size=tuple(size), device=str(dev), device_name=name,
                          dtype=dtype, fast=fast, compile=compile, threads=torch.get_num_threads(),
                          flops_per_image=flops, peak_tflops=peak_tflops(name, dtype) if
-                         dev.type == "cuda" else None, torch_version=torch.__version__)
+                         dev.type == "cuda" else None, torch_version=torch.__version__,
+                         precision=precision_note, openmp_wait_policy=openmp_wait_policy())
     per_batch = (warmup + iters) * (2 if end_to_end else 1)
     with tqdm(total=per_batch * len(batches), desc="benchmark", unit="it", leave=False,
               disable=not progress, dynamic_ncols=True) as bar:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import math
@@ -87,6 +88,7 @@ class FastOptions:
     winograd: bool              # CPU: Winograd 3x3 convolutions where they win
     cuda_graphs: bool
     compile: bool
+    precision_note: str = ""    # how --precision was resolved (auto's choice, guard outcome)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -182,7 +184,8 @@ class ReorderedWeights:
 
 
 class OneDnnConvAct(ConvAct):
-    """ConvAct as one oneDNN call with the activation as a post-op (CPU, float32), on weights
+    """ConvAct as one oneDNN call with the activation as a post-op (CPU, float32 or bfloat16),
+    on weights
     reordered once into oneDNN's blocked layout (ReorderedWeights).
 
     The post-op saves a full read and write of every activation map (a separate leaky ReLU costs
@@ -198,7 +201,7 @@ class OneDnnConvAct(ConvAct):
         self.reordered = ReorderedWeights(self.padding, self.stride, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return super().forward(x)
         attr, scalars = _ONEDNN_ATTRS[self.activation]
         return torch.ops.mkldnn._convolution_pointwise(
@@ -353,11 +356,14 @@ def _conv_kernel(layer: Convolutional, in_shape: tuple[int, int, int],
                  out_shape: tuple[int, int, int], options: FastOptions) -> nn.Module:
     """The fastest safe module for one convolutional layer on the options' device."""
     weight, bias = fold_conv_bn(layer)
-    cpu = options.device.startswith("cpu") and options.dtype == "float32"
+    on_cpu = options.device.startswith("cpu")
+    onednn_dtype = options.dtype == "float32" or (options.dtype == "bfloat16" and _onednn_bf16_works())
     heavy = layer.flops(in_shape, out_shape)[0] >= WINOGRAD_MIN_GFLOPS * 1e9
     direct = None
-    if cpu and options.fuse and layer.activation_name in _ONEDNN_ATTRS and _onednn_works():
+    if (on_cpu and onednn_dtype and options.fuse and layer.activation_name in _ONEDNN_ATTRS
+            and _onednn_works()):
         direct = OneDnnConvAct(weight, bias, layer.conv, layer.activation_name)
+    cpu = on_cpu and options.dtype == "float32"   # the Winograd kernels are float32 only
     if cpu and options.winograd and heavy and winograd_applies(layer, in_shape[0]):
         m = 4 if min(out_shape[1:]) >= WINOGRAD_F4_MIN_SIZE else 2
         winograd = WinogradConv3x3(weight, bias, layer.activation_name, m)
@@ -413,6 +419,23 @@ def _onednn_works() -> bool:
     return _ONEDNN_OK
 
 
+@functools.cache
+def _onednn_bf16_works() -> bool:
+    """Whether oneDNN's fused conv takes bfloat16 maps and weights here and agrees with the
+    float32 convolution to bf16 rounding (about 3 significant digits)."""
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 16, 8, 8, generator=generator).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(8, 16, 3, 3, generator=generator), torch.randn(8, generator=generator)
+        want = F.leaky_relu(F.conv2d(x, w, b, padding=1), 0.1)
+        got = torch.ops.mkldnn._convolution_pointwise(
+            x.bfloat16(), w.bfloat16().contiguous(memory_format=torch.channels_last), b.bfloat16(),
+            [1, 1], [1, 1], [1, 1], 1, "leaky_relu", [0.1], "")
+        return got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, rtol=0.05, atol=0.1)
+    except (RuntimeError, AttributeError):
+        return False
+
+
 class FoldedActivation(nn.Module):
     """The layer's activation now lives inside its convolution module: identity here."""
 
@@ -440,7 +463,7 @@ class FastMaxPool(MaxPool):
         h, w = x.shape[2], x.shape[3]
         out_h = (h + p - self.size) // self.stride + 1
         out_w = (w + p - self.size) // self.stride + 1
-        library = native.kernels_for(x)
+        library = native.pool_kernels_for(x)
         if library is not None and out_h > 0 and out_w > 0:
             return native.maxpool(library, x.contiguous(memory_format=torch.channels_last),
                                   self.size, self.stride, before, (out_h, out_w))
@@ -480,7 +503,10 @@ class FastYoloHead(YoloHead):
 
     def decode_logits(self, x: torch.Tensor, outputs: list, net_hw: tuple[int, int]
                       ) -> torch.Tensor:
-        """decode(forward(x)): predictions (B, A*H*W, 5+C) from the logits."""
+        """decode(forward(x)): predictions (B, A*H*W, 5+C) from the logits (a bf16 body's
+        logits are widened first: the decode is float32 whatever the body runs in)."""
+        if x.dtype == torch.bfloat16:
+            x = x.float()
         library = native.kernels_for(x)
         if library is None:
             return self.decode(self(x, outputs), net_hw)
@@ -592,25 +618,133 @@ class CudaGraphRunner:
         return entry
 
 
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16", "auto")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")   # /proc/cpuinfo names, best first
+# The bf16 guard: on the same input every prediction's score (objectness x best class) must
+# agree with float32's within this, and every box float32 scores at least GUARD_MIN_SCORE must
+# overlap its float32 twin by GUARD_MIN_IOU (the accuracy tests hold real photos to the same).
+GUARD_MAX_SCORE_DIFF = 0.05
+GUARD_MIN_SCORE = 0.25
+GUARD_MIN_IOU = 0.9
+
+
+@functools.cache
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's bfloat16 instruction set ('amx_bf16' or 'avx512_bf16'), read from the kernel's
+    /proc/cpuinfo flags; None without one, or where there is no /proc/cpuinfo. oneDNN emulates
+    bf16 on other CPUs, slower than float32, so `auto` must know rather than guess."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, str]:
+    """(dtype, note) for `precision` on `device`: `auto` is bfloat16 on a CPU with bf16
+    instructions whose oneDNN runs bf16 convolutions, float32 elsewhere (CUDA keeps float32
+    unless half/bf16 is asked for, as before). The note says why, for `benchmark`."""
+    if precision not in PRECISIONS:
+        raise DetkitError(f"precision '{precision}': choose fp32, bf16 or auto")
+    device = torch.device(device)
+    if precision == "fp32":
+        return "float32", "fp32"
+    if precision == "bf16":
+        return "bfloat16", "bf16"
+    if device.type != "cpu":
+        return "float32", "fp32 (auto: float32 on CUDA; --half for float16)"
+    instructions = cpu_bf16_instructions()
+    if instructions is None:
+        return "float32", "fp32 (auto: this CPU has no bf16 instructions)"
+    if not _onednn_bf16_works():
+        return "float32", "fp32 (auto: this torch's oneDNN runs no bf16 convolution)"
+    return "bfloat16", f"bf16 (auto: CPU has {instructions})"
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """bf16 against float32 on one input: the largest score difference, the smallest IoU of a
+    confident box with its float32 twin, and whether both are within the guard."""
+
+    max_score_diff: float
+    min_iou: float
+    confident: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_score_diff <= GUARD_MAX_SCORE_DIFF and self.min_iou >= GUARD_MIN_IOU
+
+
+def _scores_and_boxes(preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prediction objectness x best class score, and the box as x1, y1, x2, y2."""
+    preds = preds.float()
+    scores = preds[..., 4] * preds[..., 5:].amax(-1) if preds.shape[-1] > 5 else preds[..., 4]
+    cx, cy, w, h = preds[..., 0], preds[..., 1], preds[..., 2], preds[..., 3]
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    return scores, boxes
+
+
+def compare_predictions(reference: torch.Tensor, candidate: torch.Tensor) -> GuardResult:
+    """Row-by-row comparison of two (B, N, 5+C) decoded prediction tensors of one network."""
+    from torchvision.ops import box_iou
+
+    ref_scores, ref_boxes = _scores_and_boxes(reference)
+    cand_scores, cand_boxes = _scores_and_boxes(candidate)
+    diff = float((ref_scores - cand_scores).abs().max()) if ref_scores.numel() else 0.0
+    confident = ref_scores >= GUARD_MIN_SCORE
+    if not bool(confident.any()):
+        return GuardResult(diff, 1.0, 0)
+    a, b = ref_boxes[confident], cand_boxes[confident]
+    ious = box_iou(a, b).diagonal()
+    return GuardResult(diff, float(ious.min()), int(confident.sum()))
+
+
+def guard_input(size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """A fixed input for the build-time guard: smooth random blobs (noise upsampled), closer to
+    a photo's statistics than white noise, the same on every machine."""
+    generator = torch.Generator().manual_seed(2024)
+    w, h = size
+    coarse = torch.rand(1, channels, max(1, h // 16), max(1, w // 16), generator=generator)
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+
+
 def _resolve_options(device: torch.device, half: bool, bf16: bool, channels_last: bool,
                      fold_bn: bool, fuse: bool, winograd: bool | None, cuda_graphs: bool | None,
-                     compile: bool) -> FastOptions:
-    """Turn the caller's wishes into what is safe on `device` (half precision only on CUDA)."""
+                     compile: bool, precision: str = "fp32") -> FastOptions:
+    """Turn the caller's wishes into what is safe on `device` (float16 only on CUDA; bfloat16
+    on CUDA and on the CPU, where oneDNN runs it)."""
     if half and bf16:
         raise DetkitError("choose one of half (float16) and bf16")
     cuda = device.type == "cuda"
-    dtype = "float16" if half else "bfloat16" if bf16 else "float32"
-    if dtype != "float32" and not cuda:
-        log.warning("warning: %s needs a CUDA device; running in float32 on %s", dtype, device)
-        dtype = "float32"
+    dtype, note = resolve_precision("bf16" if bf16 else precision, device)
+    if half:
+        dtype, note = "float16", "fp16"
+    if dtype == "float16" and not cuda:
+        log.warning("warning: float16 needs a CUDA device; running in float32 on %s", device)
+        dtype, note = "float32", "fp32 (float16 needs CUDA)"
+    if dtype == "bfloat16" and not cuda and not _onednn_bf16_works():
+        log.warning("warning: this torch's oneDNN runs no bf16 convolution; float32 on %s", device)
+        dtype, note = "float32", "fp32 (oneDNN has no bf16 convolution)"
+    elif dtype == "bfloat16" and not cuda and cpu_bf16_instructions() is None:
+        log.warning("warning: this CPU has no bf16 instructions: oneDNN emulates bf16, slower "
+                    "than float32")
     return FastOptions(
         device=str(device), dtype=dtype, fold_bn=fold_bn, channels_last=channels_last,
         # torch.compile fuses conv + activation itself and cannot lower the oneDNN kernels
         fuse=fuse and fold_bn and not cuda and not compile,
         winograd=(not cuda if winograd is None else winograd) and fold_bn and not cuda
-        and not compile,
+        and not compile and dtype == "float32",
         cuda_graphs=cuda if cuda_graphs is None else (cuda_graphs and cuda),
-        compile=compile)
+        compile=compile, precision_note=note)
 
 
 def _optimise_layers(model: Model, options: FastOptions, size: tuple[int, int]) -> None:
@@ -690,23 +824,51 @@ def optimize_for_inference(model: Model, device: str | torch.device | None = Non
                            half: bool = False, bf16: bool = False, channels_last: bool = True,
                            fold_bn: bool = True, fuse: bool = True, winograd: bool | None = None,
                            cuda_graphs: bool | None = None, compile: bool = False,
-                           size: tuple[int, int] | None = None) -> InferenceModel:
+                           size: tuple[int, int] | None = None,
+                           precision: str = "fp32") -> InferenceModel:
     """An optimised, inference-only copy of `model` on `device`; `model` is not modified.
 
-    `half`/`bf16` apply on CUDA only (a warning and float32 elsewhere). `winograd` (CPU) and
-    `cuda_graphs` (CUDA) default to on for their device. `size` (w, h) is the input size the
-    per-layer kernel choice is tuned for (default: the cfg's); any other size still works.
-    Process-wide effects: on CUDA cudnn.benchmark (fixed shapes are the common case), on the
-    CPU glibc's malloc keeps freed memory for reuse (`retain_freed_memory`).
+    `precision`: fp32, bf16 or auto (`resolve_precision`: bf16 on a CPU with bf16 instructions).
+    An `auto` bf16 copy is checked against the float32 model on a fixed input (`compare_predictions`)
+    and rebuilt in float32 if it fails; `fast_options.precision_note` says what happened.
+    `half` (float16) applies on CUDA only (a warning and float32 elsewhere); `bf16` is
+    precision bf16. `winograd` (CPU, float32) and `cuda_graphs` (CUDA) default to on for their
+    device. `size` (w, h) is the input size the per-layer kernel choice is tuned for (default:
+    the cfg's); any other size still works. Process-wide effects: on CUDA cudnn.benchmark
+    (fixed shapes are the common case), on the CPU glibc's malloc keeps freed memory for reuse
+    (`retain_freed_memory`).
     """
     device = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
-    options = _resolve_options(device, half, bf16, channels_last, fold_bn, fuse, winograd,
-                               cuda_graphs, compile)
+    size = size or model.input_size
+    wishes = dict(channels_last=channels_last, fold_bn=fold_bn, fuse=fuse, winograd=winograd,
+                  cuda_graphs=cuda_graphs, compile=compile)
+    options = _resolve_options(device, half, bf16, precision=precision, **wishes)
+    fast = _build_fast_copy(model, device, options, size)
+    if precision == "auto" and options.dtype == "bfloat16" and device.type == "cpu":
+        guard = guard_bf16(model, fast, size)
+        if guard.passed:
+            fast.fast_options = dataclasses.replace(options, precision_note=(
+                f"{options.precision_note}; bf16 guard passed: scores within "
+                f"{guard.max_score_diff:.3f} of fp32"))
+        else:
+            log.warning("warning: bf16 changes this network's scores by up to %.3f (boxes IoU "
+                        "%.2f) against float32: running in float32", guard.max_score_diff,
+                        guard.min_iou)
+            fallback = _resolve_options(device, half, False, precision="fp32", **wishes)
+            fast = _build_fast_copy(model, device, dataclasses.replace(fallback, precision_note=(
+                f"fp32 (auto: bf16 failed the guard, scores off by {guard.max_score_diff:.3f})")),
+                size)
+    return fast
+
+
+def _build_fast_copy(model: Model, device: torch.device, options: FastOptions,
+                     size: tuple[int, int]) -> InferenceModel:
+    """The optimised copy for resolved `options` (see optimize_for_inference)."""
     if device.type == "cpu":
         retain_freed_memory()   # before the kernels are timed, so they are timed as they will run
     fast = copy.deepcopy(model).eval()
-    _optimise_layers(fast, options, size or model.input_size)
+    _optimise_layers(fast, options, size)
     fast.__class__ = InferenceModel
     for head in fast.heads:
         head.register_forward_pre_hook(_float_head_inputs)
@@ -714,7 +876,7 @@ def optimize_for_inference(model: Model, device: str | torch.device | None = Non
     fast = fast.to(device=device)
     if options.dtype != "float32":
         _cast_body(fast, options.torch_dtype)
-    if channels_last:
+    if options.channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     for p in fast.parameters():
         p.requires_grad_(False)
@@ -724,6 +886,21 @@ def optimize_for_inference(model: Model, device: str | torch.device | None = Non
     if device.type == "cpu":
         release_free_heap()
     return fast
+
+
+@torch.no_grad()
+def guard_bf16(model: Model, fast: InferenceModel, size: tuple[int, int]) -> GuardResult:
+    """The bf16 copy against the float32 eager model on `guard_input`: `auto` keeps bf16 only
+    for networks whose scores it leaves within GUARD_MAX_SCORE_DIFF."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = guard_input(size, model.input_channels)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        reference = model(x.to(device)).float().cpu()
+        return compare_predictions(reference, fast(x).float().cpu())
+    finally:
+        model.train(was_training)
 
 
 def _cast_body(model: InferenceModel, dtype: torch.dtype) -> None:

@@ -123,11 +123,13 @@ def _bind(path: Path) -> ctypes.CDLL:
                                                ctypes.c_int, pointer, ctypes.c_int]
     library.detkit_maxpool.argtypes = [pointer, size, size, size, size, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_int, size, size, pointer, ctypes.c_int]
+    library.detkit_maxpool_bf16.argtypes = library.detkit_maxpool.argtypes
     library.detkit_yolo_decode.argtypes = [pointer, size, size, size, size, size, pointer,
                                            pointer, ctypes.c_float, ctypes.c_float,
                                            ctypes.c_float, pointer, ctypes.c_int]
     for function in (library.detkit_winograd_input, library.detkit_winograd_output,
-                     library.detkit_maxpool, library.detkit_yolo_decode):
+                     library.detkit_maxpool, library.detkit_maxpool_bf16,
+                     library.detkit_yolo_decode):
         function.restype = ctypes.c_int
     return library
 
@@ -162,6 +164,15 @@ def kernels_for(x: torch.Tensor) -> ctypes.CDLL | None:
     and while a graph is being traced, exported or compiled: the C code is invisible to
     torch.jit, torch.onnx and torch.compile, which would record only the empty outputs."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or _capturing_a_graph():
+        return None
+    return kernels()
+
+
+def pool_kernels_for(x: torch.Tensor) -> ctypes.CDLL | None:
+    """kernels_for, for the maxpool, which also has a bfloat16 kernel (the CPU bf16 path)."""
+    if x.dtype != torch.bfloat16:
+        return kernels_for(x)
+    if x.device.type != "cpu" or _capturing_a_graph():
         return None
     return kernels()
 
@@ -209,12 +220,13 @@ def winograd_output(library: ctypes.CDLL, mm: torch.Tensor, shape: tuple[int, in
 def maxpool(library: ctypes.CDLL, x: torch.Tensor, size: int, stride: int, before: int,
             out_hw: tuple[int, int]) -> torch.Tensor:
     """Darknet's maxpool (pixels outside the map skipped, as under its -inf padding) of a
-    channels-last float32 CPU map x (N, C, H, W), channels-last out."""
+    channels-last float32 or bfloat16 CPU map x (N, C, H, W), channels-last out."""
     n, c, h, w = x.shape
     out_h, out_w = out_hw
     y = torch.empty((n, c, out_h, out_w), dtype=x.dtype, memory_format=torch.channels_last)
-    _check(library.detkit_maxpool(x.data_ptr(), n, h, w, c, size, stride, before, out_h, out_w,
-                                  y.data_ptr(), _threads(x.numel())),
+    function = library.detkit_maxpool_bf16 if x.dtype == torch.bfloat16 else library.detkit_maxpool
+    _check(function(x.data_ptr(), n, h, w, c, size, stride, before, out_h, out_w, y.data_ptr(),
+                    _threads(x.numel())),
            f"native maxpool: bad size {size} or stride {stride}")
     return y
 

@@ -67,7 +67,9 @@ def official_weights() -> Path:
 
 @pytest.fixture(scope="module")
 def detector(official_weights: Path) -> detkit.Detector:
-    return detkit.Detector(TINY_CFG, official_weights, device="cpu", conf_thresh=0.25)
+    """fp32: darknet parity is a float32 property (bf16 moves scores by up to 0.04, test_bf16)."""
+    return detkit.Detector(TINY_CFG, official_weights, device="cpu", conf_thresh=0.25,
+                           precision="fp32")
 
 
 def photo(name: str) -> Path:
@@ -351,7 +353,9 @@ def test_coco_json_and_yolo_labels(tmp_path):
     names91 = (REPO / "data" / "coco91.names").read_text().splitlines()  # torchvision's SSD classes
     ssd = CocoJsonWriter(tmp_path / "s.json", num_classes=90)
     assert ssd.category_id(names91.index("dog")) == 18 and ssd.category_id(0) == 1
-    line = yolo_label_lines([det], img_w=100, img_h=200).split()
+    line = yolo_label_lines([det], img_w=100, img_h=200).split()  # ultralytics: 5 columns
+    assert line[0] == "16" and [float(v) for v in line[1:]] == [0.3, 0.3, 0.4, 0.4]
+    line = yolo_label_lines([det], img_w=100, img_h=200, save_conf=True).split()  # --save-conf
     assert line[0] == "16" and [float(v) for v in line[1:]] == [0.3, 0.3, 0.4, 0.4, 0.75]
 
 

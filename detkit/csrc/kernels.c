@@ -232,6 +232,75 @@ int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, i
     return 0;
 }
 
+/* The same maxpool on bfloat16 maps (the CPU bf16 fast path): each bf16 is the top half of a
+ * float32, so it is widened by a shift, compared as float and narrowed back exactly (the max of
+ * bf16 values is one of them). torch's own bf16 pooling on channels-last maps took 3.7 ms for
+ * a 16x416x416 map, the float32 kernel above 0.2. */
+typedef uint16_t hvec __attribute__((vector_size(VL * sizeof(uint16_t))));
+
+static inline vec load_bf16(const uint16_t *src) {
+    hvec half;
+    memcpy(&half, src, sizeof half);
+    return (vec)(__builtin_convertvector(half, ivec) << 16);
+}
+
+static inline void store_bf16(uint16_t *dst, vec value) {
+    const hvec half = __builtin_convertvector((ivec)value >> 16, hvec);
+    memcpy(dst, &half, sizeof half);
+}
+
+static inline float bf16_to_float(uint16_t value) {
+    const uint32_t bits = (uint32_t)value << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+int detkit_maxpool_bf16(const uint16_t *x, int64_t n, int64_t h, int64_t w, int64_t c, int size,
+                        int stride, int before, int64_t out_h, int64_t out_w, uint16_t *y,
+                        int threads) {
+    if (size < 1 || stride < 1) return -1;
+    const int64_t rows = n * out_h;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t begin, end;
+        share(rows, &begin, &end);
+        for (int64_t row = begin; row < end; row++) {
+            const int64_t oy = row % out_h, b = row / out_h;
+            const int64_t y0 = oy * stride - before;
+            const int64_t ky0 = y0 < 0 ? -y0 : 0, ky1 = y0 + size > h ? h - y0 : size;
+            uint16_t *dst = y + row * out_w * c;
+            for (int64_t ox = 0; ox < out_w; ox++, dst += c) {
+                const int64_t x0 = ox * stride - before;
+                const int64_t kx0 = x0 < 0 ? -x0 : 0, kx1 = x0 + size > w ? w - x0 : size;
+                int64_t c0 = 0;
+                for (; c0 + VL <= c; c0 += VL) {
+                    vec best = (vec){0} - INFINITY;
+                    for (int64_t ky = ky0; ky < ky1; ky++) {
+                        const uint16_t *src = x + ((b * h + y0 + ky) * w + x0) * c + c0;
+                        for (int64_t kx = kx0; kx < kx1; kx++)
+                            best = nan_max(best, load_bf16(src + kx * c));
+                    }
+                    store_bf16(dst + c0, best);
+                }
+                for (; c0 < c; c0++) {
+                    float best = -INFINITY;
+                    for (int64_t ky = ky0; ky < ky1; ky++)
+                        for (int64_t kx = kx0; kx < kx1; kx++) {
+                            const float value =
+                                bf16_to_float(x[((b * h + y0 + ky) * w + x0 + kx) * c + c0]);
+                            best = value > best || value != value ? value : best;
+                        }
+                    uint32_t bits;
+                    memcpy(&bits, &best, sizeof bits);
+                    dst[c0] = (uint16_t)(bits >> 16);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* exp(x) per lane: Cephes' expf (range reduction by ln 2, degree-5 polynomial, about 1 ulp);
  * the argument is clamped to +-88.37 (exp of it is still a normal float). */
 static inline vec vexp(vec x) {
