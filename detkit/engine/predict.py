@@ -74,6 +74,17 @@ def default_model_files() -> tuple[Path, Path]:
     return cfg, weights
 
 
+def resolve_model_file(path: str | Path) -> Path:
+    """`path` as given when it exists; else, for a relative path, the same path under the detkit
+    checkout ($DETKIT_HOME): `Detector("cfg/yolov3-tiny.cfg", ...)` works from any directory,
+    as the CLI's defaults do. A path found nowhere is returned as given, for the loader's error."""
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute():
+        return given
+    under_home = detkit_home() / given
+    return under_home if under_home.exists() else given
+
+
 def read_names(path: str | Path) -> list[str]:
     """Class names, one a line (darknet's get_labels); blank trailing lines are dropped."""
     path = Path(path)
@@ -168,6 +179,9 @@ class Detector:
     folded, channels-last, fused/Winograd convolutions on the CPU, CUDA graphs on the GPU);
     `fast=False` runs the eager model exactly as trained. `backend="onnxruntime"` (CPU) runs
     the network's ONNX export (detkit.export, cached) in onnxruntime instead of PyTorch.
+    `precision` (fast path on the CPU): fp32, bf16, or auto (default: bf16 where the CPU has bf16
+    instructions and the network passes the bf16 guard, see detkit.fast.resolve_precision);
+    `precision_note` says what was chosen. On CUDA `half` picks float16 as before.
     `tta` runs every view of `engine.tta` (flips, quarter turns) and merges their boxes.
     `tile` (px) detects in overlapping tile x tile windows of each image (`tile_overlap` of a
     window shared with the next) and merges them (engine.slicing): for photos far larger than
@@ -181,13 +195,18 @@ class Detector:
                  names: str | Path | Sequence[str] | None = None, max_det: int = 300,
                  classes: str | Sequence[str | int] | None = None, fast: bool = True,
                  backend: str = "torch", tta: bool = False, tile: int | None = None,
-                 tile_overlap: float = 0.25) -> None:
+                 tile_overlap: float = 0.25, precision: str = "auto") -> None:
         if cfg is None:
             default_cfg, default_weights = default_model_files()
             cfg = default_cfg
             weights = default_weights if weights is None else weights
         elif weights is None:
             raise DetkitError(f"no weights given for {cfg}: pass --weights")
+        cfg, weights = resolve_model_file(cfg), resolve_model_file(weights)
+        from ..fast import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise DetkitError(f"--precision {precision}: choose fp32, bf16 or auto")
         if not 0.0 <= conf_thresh <= 1.0 or not 0.0 <= nms_thresh <= 1.0:
             raise DetkitError("--conf and --nms must be between 0 and 1")
         if max_det < 1:
@@ -208,13 +227,18 @@ class Detector:
             raise DetkitError(f"--backend {backend}: choose torch or onnxruntime")
         self.backend = backend
         self.fast = bool(fast) and backend == "torch"
+        if precision == "bf16" and not self.fast:
+            raise DetkitError("--precision bf16 runs on the fast path: drop --no-fast / "
+                              "--backend onnxruntime, or use --precision fp32")
+        self.precision_note = "fp32"
         if backend == "onnxruntime":
             self._use_onnxruntime(cfg, weights)
         elif self.fast:  # folded, channels-last, fused copy; casts its input itself
             from ..fast import optimize_for_inference
 
             self.model = optimize_for_inference(self.model, self.device, half=self.half,
-                                                size=self.input_size)
+                                                size=self.input_size, precision=precision)
+            self.precision_note = self.model.fast_options.precision_note
         elif self.half:
             self.model.half()
         self.dtype = torch.float16 if self.half and not self.fast else torch.float32
@@ -275,9 +299,39 @@ class Detector:
                   for im in images]
         return [self.to_detections(rows) for rows in self.predict_arrays(arrays)]
 
-    def detect(self, image: ImageInput) -> list[Detection]:
-        """Detect in one image (a path or a BGR uint8 ndarray); boxes in its pixels."""
+    def detect(self, image: ImageInput | Sequence[ImageInput]
+               ) -> list[Detection] | list[list[Detection]]:
+        """Detect in one image (a path or a BGR uint8 ndarray); boxes in its pixels. Given a
+        list or tuple of images, one list of detections per image (as detect_batch)."""
+        if isinstance(image, (list, tuple)):
+            return self.detect_batch(image)
         return self.detect_batch([image])[0]
+
+    def annotate(self, image: ImageInput, detections: Sequence[Detection] | None = None
+                 ) -> np.ndarray:
+        """A BGR copy of `image` with its detections drawn as `detkit detect` saves them
+        (detected now when `detections` is None)."""
+        from .draw import draw_detections
+
+        array = as_bgr(read_image_or_raise(image) if isinstance(image, (str, Path)) else image)
+        found = self.detect(array) if detections is None else detections
+        return draw_detections(array.copy(), found, self.num_classes)
+
+    def save(self, image: ImageInput, path: str | Path,
+             detections: Sequence[Detection] | None = None) -> Path:
+        """Write `annotate(image, detections)` to `path` (format from its suffix); the path."""
+        import cv2
+
+        path = Path(path)
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            written = cv2.imwrite(str(path), self.annotate(image, detections))
+        except cv2.error:   # OpenCV raises for a suffix it has no writer for
+            written = False
+        if not written:
+            raise DetkitError(f"cannot write {path} (unknown image suffix or unwritable folder)")
+        return path
 
 
 @torch.inference_mode()
