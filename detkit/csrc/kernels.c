@@ -190,75 +190,50 @@ int detkit_winograd_output(const float *mm, int64_t n, int64_t h, int64_t w, int
 
 /* Darknet maxpool on (n, h, w, c): window `size`, `stride`, starting `before` pixels above and
  * left of the map; pixels outside the map are skipped (darknet's -inf padding). y is
- * (n, out_h, out_w, c); a window with no pixel inside the map gives -inf. */
-int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int size,
-                   int stride, int before, int64_t out_h, int64_t out_w, float *y, int threads) {
-    if (size < 1 || stride < 1) return -1;
-    const int64_t rows = n * out_h;
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t begin, end;
-        share(rows, &begin, &end);
-        for (int64_t row = begin; row < end; row++) {
-            const int64_t oy = row % out_h, b = row / out_h;
-            const int64_t y0 = oy * stride - before;
-            const int64_t ky0 = y0 < 0 ? -y0 : 0, ky1 = y0 + size > h ? h - y0 : size;
-            float *dst = y + row * out_w * c;
-            for (int64_t ox = 0; ox < out_w; ox++, dst += c) {
-                const int64_t x0 = ox * stride - before;
-                const int64_t kx0 = x0 < 0 ? -x0 : 0, kx1 = x0 + size > w ? w - x0 : size;
-                int64_t c0 = 0;
-                for (; c0 + VL <= c; c0 += VL) {
-                    vec best = (vec){0} - INFINITY;
-                    for (int64_t ky = ky0; ky < ky1; ky++) {
-                        const float *src = x + ((b * h + y0 + ky) * w + x0) * c + c0;
-                        for (int64_t kx = kx0; kx < kx1; kx++)
-                            best = nan_max(best, load(src + kx * c, VL));
-                    }
-                    store(dst + c0, best, VL);
-                }
-                for (; c0 < c; c0++) {
-                    float best = -INFINITY;
-                    for (int64_t ky = ky0; ky < ky1; ky++)
-                        for (int64_t kx = kx0; kx < kx1; kx++) {
-                            const float value = x[((b * h + y0 + ky) * w + x0 + kx) * c + c0];
-                            best = value > best || value != value ? value : best;
-                        }
-                    dst[c0] = best;
-                }
-            }
-        }
-    }
-    return 0;
-}
-
-/* The same maxpool on bfloat16 maps (the CPU bf16 fast path): each bf16 is the top half of a
+ * (n, out_h, out_w, c); a window with no pixel inside the map gives -inf.
+ * The same code serves bfloat16 maps (the CPU bf16 path): each bf16 is the top half of a
  * float32, so it is widened by a shift, compared as float and narrowed back exactly (the max of
- * bf16 values is one of them). torch's own bf16 pooling on channels-last maps took 3.7 ms for
- * a 16x416x416 map, the float32 kernel above 0.2. */
+ * bf16 values is one of them). torch's own bf16 pooling took 3.7 ms on a channels-last
+ * 16x416x416 map, this 0.2. `bf16` is a constant in each caller, so the compiler specialises. */
 typedef uint16_t hvec __attribute__((vector_size(VL * sizeof(uint16_t))));
 
-static inline vec load_bf16(const uint16_t *src) {
+static inline vec load_any(const void *src, int64_t index, int bf16) {
+    if (!bf16) return load((const float *)src + index, VL);
     hvec half;
-    memcpy(&half, src, sizeof half);
+    memcpy(&half, (const uint16_t *)src + index, sizeof half);
     return (vec)(__builtin_convertvector(half, ivec) << 16);
 }
 
-static inline void store_bf16(uint16_t *dst, vec value) {
+static inline void store_any(void *dst, int64_t index, vec value, int bf16) {
+    if (!bf16) {
+        store((float *)dst + index, value, VL);
+        return;
+    }
     const hvec half = __builtin_convertvector((ivec)value >> 16, hvec);
-    memcpy(dst, &half, sizeof half);
+    memcpy((uint16_t *)dst + index, &half, sizeof half);
 }
 
-static inline float bf16_to_float(uint16_t value) {
-    const uint32_t bits = (uint32_t)value << 16;
+static inline float scalar_any(const void *src, int64_t index, int bf16) {
+    if (!bf16) return ((const float *)src)[index];
+    const uint32_t bits = (uint32_t)((const uint16_t *)src)[index] << 16;
     float out;
     memcpy(&out, &bits, sizeof out);
     return out;
 }
 
-int detkit_maxpool_bf16(const uint16_t *x, int64_t n, int64_t h, int64_t w, int64_t c, int size,
-                        int stride, int before, int64_t out_h, int64_t out_w, uint16_t *y,
-                        int threads) {
+static inline void put_scalar_any(void *dst, int64_t index, float value, int bf16) {
+    if (!bf16) {
+        ((float *)dst)[index] = value;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    ((uint16_t *)dst)[index] = (uint16_t)(bits >> 16);
+}
+
+static inline __attribute__((always_inline)) int maxpool_any(
+        const void *x, int64_t n, int64_t h, int64_t w, int64_t c, int size, int stride,
+        int before, int64_t out_h, int64_t out_w, void *y, int threads, const int bf16) {
     if (size < 1 || stride < 1) return -1;
     const int64_t rows = n * out_h;
 #pragma omp parallel num_threads(threads)
@@ -269,36 +244,45 @@ int detkit_maxpool_bf16(const uint16_t *x, int64_t n, int64_t h, int64_t w, int6
             const int64_t oy = row % out_h, b = row / out_h;
             const int64_t y0 = oy * stride - before;
             const int64_t ky0 = y0 < 0 ? -y0 : 0, ky1 = y0 + size > h ? h - y0 : size;
-            uint16_t *dst = y + row * out_w * c;
-            for (int64_t ox = 0; ox < out_w; ox++, dst += c) {
+            for (int64_t ox = 0; ox < out_w; ox++) {
+                const int64_t dst = (row * out_w + ox) * c;
                 const int64_t x0 = ox * stride - before;
                 const int64_t kx0 = x0 < 0 ? -x0 : 0, kx1 = x0 + size > w ? w - x0 : size;
                 int64_t c0 = 0;
                 for (; c0 + VL <= c; c0 += VL) {
                     vec best = (vec){0} - INFINITY;
                     for (int64_t ky = ky0; ky < ky1; ky++) {
-                        const uint16_t *src = x + ((b * h + y0 + ky) * w + x0) * c + c0;
+                        const int64_t src = ((b * h + y0 + ky) * w + x0) * c + c0;
                         for (int64_t kx = kx0; kx < kx1; kx++)
-                            best = nan_max(best, load_bf16(src + kx * c));
+                            best = nan_max(best, load_any(x, src + kx * c, bf16));
                     }
-                    store_bf16(dst + c0, best);
+                    store_any(y, dst + c0, best, bf16);
                 }
                 for (; c0 < c; c0++) {
                     float best = -INFINITY;
                     for (int64_t ky = ky0; ky < ky1; ky++)
                         for (int64_t kx = kx0; kx < kx1; kx++) {
                             const float value =
-                                bf16_to_float(x[((b * h + y0 + ky) * w + x0 + kx) * c + c0]);
+                                scalar_any(x, ((b * h + y0 + ky) * w + x0 + kx) * c + c0, bf16);
                             best = value > best || value != value ? value : best;
                         }
-                    uint32_t bits;
-                    memcpy(&bits, &best, sizeof bits);
-                    dst[c0] = (uint16_t)(bits >> 16);
+                    put_scalar_any(y, dst + c0, best, bf16);
                 }
             }
         }
     }
     return 0;
+}
+
+int detkit_maxpool(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, int size,
+                   int stride, int before, int64_t out_h, int64_t out_w, float *y, int threads) {
+    return maxpool_any(x, n, h, w, c, size, stride, before, out_h, out_w, y, threads, 0);
+}
+
+int detkit_maxpool_bf16(const uint16_t *x, int64_t n, int64_t h, int64_t w, int64_t c, int size,
+                        int stride, int before, int64_t out_h, int64_t out_w, uint16_t *y,
+                        int threads) {
+    return maxpool_any(x, n, h, w, c, size, stride, before, out_h, out_w, y, threads, 1);
 }
 
 /* exp(x) per lane: Cephes' expf (range reduction by ln 2, degree-5 polynomial, about 1 ulp);
