@@ -1,11 +1,15 @@
 """One peer of bench/peers.py in its own process: load a network, then time forwards on demand.
 
-Run as `python peer_worker.py KIND THREADS` where KIND is detkit-eager, detkit-fast, detkit-ort,
-opencv or darknet. The opencv peer runs under bench/.venv-opencv's Python (OpenCV 4.x, no
-torch), the others under detkit's. Protocol: one JSON object per line on stdin, one answer per
+Run as `python peer_worker.py KIND THREADS` where KIND is detkit-eager, detkit-fast (fp32),
+detkit-bf16, detkit-auto (detkit's default precision), detkit-ort, openvino (its default
+precision: bf16 on a CPU with bf16 instructions), openvino-f32, opencv or darknet. The opencv
+peer runs under bench/.venv-opencv's Python (OpenCV 4.x, no torch), the openvino peers under
+bench/.venv-openvino's (OpenVINO, no torch) on the ONNX file detkit exported, the others under
+detkit's. Protocol: one JSON object per line on stdin, one answer per
 line on the original stdout (libraries' own prints are sent to stderr):
 
-    {"op": "load", "cfg": ..., "weights": ..., "input": "x.npy"}  -> {"ok": true, "info": ...}
+    {"op": "load", "cfg": ..., "weights": ..., "input": "x.npy", "onnx": ...}
+                                                                 -> {"ok": true, "info": ...}
     {"op": "time", "n": 3}                                          -> {"ms": [..., ..., ...]}
     {"op": "quit"}
 
@@ -34,21 +38,25 @@ class Peer:
 
 
 class DetkitPeer(Peer):
-    def __init__(self, cfg: str, weights: str | None, x, threads: int, fast: bool) -> None:
+    def __init__(self, cfg: str, weights: str | None, x, threads: int, fast: bool,
+                 precision: str = "fp32") -> None:
         import torch
 
         import detkit
 
         torch.set_num_threads(threads)
         model = detkit.load_model(cfg, weights)
+        note = "fp32"
         if fast:
             from detkit.fast import optimize_for_inference
 
-            model = optimize_for_inference(model, "cpu", size=(x.shape[3], x.shape[2]))
+            model = optimize_for_inference(model, "cpu", size=(x.shape[3], x.shape[2]),
+                                           precision=precision)
+            note = model.fast_options.precision_note
         self.model = model
         self.x = torch.from_numpy(x)
         self.torch = torch
-        self.info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        self.info = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {note}"
 
     def forward(self) -> None:
         with self.torch.inference_mode():
@@ -77,6 +85,30 @@ class OrtPeer(Peer):
 
     def forward(self) -> None:
         self.session.run(None, self.feed)
+
+
+class OpenVinoPeer(Peer):
+    """detkit's ONNX export compiled by OpenVINO for the CPU, at its default inference precision
+    (bf16 where the CPU has bf16 instructions) or with INFERENCE_PRECISION_HINT f32; latency
+    mode, `threads` inference threads."""
+
+    def __init__(self, onnx: str, x, threads: int, f32: bool) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                  "NUM_STREAMS": 1}
+        if f32:
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        self.compiled = core.compile_model(core.read_model(onnx), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.x = x
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.info = f"OpenVINO {ov.__version__}, {threads} threads, inference precision {precision}"
+
+    def forward(self) -> None:
+        self.request.infer({0: self.x})
 
 
 class OpenCVPeer(Peer):
@@ -111,9 +143,19 @@ class DarknetPeer(Peer):
         self.net.forward(self.x, layers=[])
 
 
-def make_peer(kind: str, cfg: str, weights: str | None, x, threads: int) -> Peer:
-    if kind in ("detkit-eager", "detkit-fast"):
-        return DetkitPeer(cfg, weights, x, threads, fast=kind == "detkit-fast")
+DETKIT_PRECISION = {"detkit-fast": "fp32", "detkit-bf16": "bf16", "detkit-auto": "auto"}
+
+
+def make_peer(kind: str, cfg: str, weights: str | None, x, threads: int,
+              onnx: str | None = None) -> Peer:
+    if kind == "detkit-eager":
+        return DetkitPeer(cfg, weights, x, threads, fast=False)
+    if kind in DETKIT_PRECISION:
+        return DetkitPeer(cfg, weights, x, threads, fast=True, precision=DETKIT_PRECISION[kind])
+    if kind in ("openvino", "openvino-f32"):
+        if onnx is None:
+            raise SystemExit("the openvino peers need the exported ONNX file (load's onnx)")
+        return OpenVinoPeer(onnx, x, threads, f32=kind == "openvino-f32")
     if kind == "detkit-ort":
         return OrtPeer(cfg, weights, x, threads)
     if kind == "opencv":
@@ -132,7 +174,8 @@ def serve(kind: str, threads: int, reply) -> None:
         try:
             if msg["op"] == "load":
                 x = np.ascontiguousarray(np.load(msg["input"]), dtype=np.float32)
-                peer = make_peer(kind, msg["cfg"], msg.get("weights"), x, threads)
+                peer = make_peer(kind, msg["cfg"], msg.get("weights"), x, threads,
+                                 msg.get("onnx"))
                 answer = {"ok": True, "info": peer.info}
             elif msg["op"] == "time":
                 samples = []

@@ -3,11 +3,15 @@
 Peers (each in its own worker process, bench/peer_worker.py):
   detkit eager fp32, detkit fast path (detkit.fast) with its default passive OpenMP waiting and
   with spinning threads (a dedicated machine's setting), detkit's ONNX export on onnxruntime,
+  detkit's fast path in bf16 and at its default precision (auto: bf16 on a CPU with bf16
+  instructions), OpenVINO on detkit's ONNX export at its default precision and at f32 (in
+  bench/.venv-openvino: OpenVINO and no torch),
   OpenCV DNN 4.x readNetFromDarknet (in bench/.venv-opencv, opencv-python-headless<5),
   the reference darknet (libdarknet, single-threaded by its build).
 Networks: yolov3-tiny (official weights), yolov2-voc and yolov3 (random weights with calibrated
 batch-norm statistics, bench/random_weights.py: timing does not depend on the values), all at
-416x416, batch 1, float32; SSD300 for the detkit peers alone when cfg/ssd300.cfg exists.
+416x416, batch 1 (--batch N: N copies of the input, darknet left out); SSD300 for the peers
+that run any detkit cfg (detkit's and OpenVINO on its ONNX) when cfg/ssd300.cfg exists.
 
 Fairness: all workers are loaded first; then the peers are timed in interleaved rounds (each
 round runs every peer a few times, the order rotating), so a change of machine load during the
@@ -41,6 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 OPENCV_PY = BENCH / ".venv-opencv" / "bin" / "python"
+OPENVINO_PY = BENCH / ".venv-openvino" / "bin" / "python"
 RESULTS = BENCH / "results"
 PHOTO = Path("/usr/share/darknet/data/dog.jpg")
 
@@ -51,12 +56,18 @@ PEERS = {  # key -> (label, python, worker kind, environment over the pinned thr
     "detkit-fast": ("detkit fast path", sys.executable, "detkit-fast", {}),
     "detkit-fast-spin": ("detkit fast path, OpenMP spinning (ACTIVE, GOMP_SPINCOUNT=10000)",
                          sys.executable, "detkit-fast", SPINNING),
+    "detkit-auto": ("detkit default (precision auto)", sys.executable, "detkit-auto", {}),
+    "detkit-bf16": ("detkit fast path bf16", sys.executable, "detkit-bf16", {}),
+    "openvino": ("OpenVINO default precision", str(OPENVINO_PY), "openvino", {}),
+    "openvino-f32": ("OpenVINO f32", str(OPENVINO_PY), "openvino-f32", {}),
     "detkit-eager": ("detkit eager fp32", sys.executable, "detkit-eager", {}),
     "detkit-ort": ("detkit ONNX on onnxruntime", sys.executable, "detkit-ort", {}),
     "opencv": ("OpenCV DNN", str(OPENCV_PY), "opencv", {}),
     "darknet": ("reference darknet", sys.executable, "darknet", {}),
 }
-DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-eager", "detkit-ort")
+DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-auto", "detkit-bf16", "detkit-eager",
+               "detkit-ort", "openvino", "openvino-f32")   # peers that run any detkit cfg
+ONNX_PEERS = ("openvino", "openvino-f32")
 MODELS = {  # name -> (cfg, weights or None for detkit-only random init, peers)
     "yolov3-tiny": ("cfg/yolov3-tiny.cfg", "weights/yolov3-tiny.weights", tuple(PEERS)),
     "yolov2-voc": ("cfg/yolov2-voc.cfg", "weights/yolov2-voc.random.weights", tuple(PEERS)),
@@ -112,8 +123,19 @@ class PeerResult:
         return statistics.median(self.samples_ms) if self.samples_ms else None
 
 
-def make_input(size: tuple[int, int], path: Path) -> None:
-    """darknet's sample photo letterboxed by detkit (synthetic if darknet is not installed)."""
+def export_for_peers(cfg: str, weights: str | None, size: tuple[int, int], path: Path) -> None:
+    """detkit's ONNX export of the network (checked against PyTorch by onnxruntime), the file
+    the OpenVINO peers compile."""
+    import detkit
+    from detkit.export import export_onnx
+
+    export_onnx(detkit.load_model(str(REPO / cfg), str(REPO / weights) if weights else None),
+                path, size=size)
+
+
+def make_input(size: tuple[int, int], path: Path, batch: int = 1) -> None:
+    """darknet's sample photo letterboxed by detkit (synthetic if darknet is not installed),
+    `batch` copies."""
     import cv2
     import torch
 
@@ -122,7 +144,7 @@ def make_input(size: tuple[int, int], path: Path) -> None:
 
     image = cv2.imread(str(PHOTO)) if PHOTO.is_file() else None
     image = image if image is not None else synthetic_images(1)[0]
-    x, _ = letterbox_batch([image], size, torch.device("cpu"))
+    x, _ = letterbox_batch([image] * batch, size, torch.device("cpu"))
     np.save(path, x.numpy().astype(np.float32))
 
 
@@ -141,21 +163,25 @@ def iterations_per_round(ms: float, round_ms: float) -> int:
 
 
 def bench_model(name: str, threads: int, rounds: int, round_ms: float, slow_samples: int,
-                peers: list[str]) -> dict[str, PeerResult]:
+                peers: list[str], batch: int = 1) -> dict[str, PeerResult]:
     """Load every peer on one network, warm up, then time in interleaved rounds."""
     cfg, weights, allowed = MODELS[name]
     results: dict[str, PeerResult] = {}
     workers: dict[str, Worker] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        x_path = Path(tmp) / "x.npy"
-        make_input((416, 416) if "ssd" not in name else (300, 300), x_path)
-        for key in [p for p in peers if p in allowed]:
+        x_path, onnx_path = Path(tmp) / "x.npy", Path(tmp) / "model.onnx"
+        size = (416, 416) if "ssd" not in name else (300, 300)
+        make_input(size, x_path, batch)
+        chosen = [p for p in peers if p in allowed and (batch == 1 or p != "darknet")]
+        if any(p in ONNX_PEERS for p in chosen):
+            export_for_peers(cfg, weights, size, onnx_path)
+        for key in chosen:
             results[key] = PeerResult(key, PEERS[key][0])
             try:
                 worker = Worker(key, threads)
                 results[key].info = worker.ask(op="load", cfg=str(REPO / cfg), input=str(x_path),
-                                               weights=str(REPO / weights) if weights else None
-                                               )["info"]
+                                               weights=str(REPO / weights) if weights else None,
+                                               onnx=str(onnx_path))["info"]
                 workers[key] = worker
             except (RuntimeError, OSError) as exc:
                 results[key].error = str(exc)
@@ -196,6 +222,10 @@ def machine() -> dict:
                       ("onnxruntime", "import onnxruntime; print(onnxruntime.__version__)")):
         versions[key] = subprocess.run([sys.executable, "-c", code], capture_output=True,
                                        text=True).stdout.strip()
+    if OPENVINO_PY.exists():
+        versions["openvino"] = subprocess.run(
+            [str(OPENVINO_PY), "-c", "import openvino; print(openvino.__version__)"],
+            capture_output=True, text=True).stdout.strip()
     if OPENCV_PY.exists():
         versions["opencv"] = subprocess.run([str(OPENCV_PY), "-c", "import cv2; print(cv2.__version__)"],
                                             capture_output=True, text=True).stdout.strip()
@@ -204,42 +234,46 @@ def machine() -> dict:
 
 
 def write_results(data: dict, results: Path = RESULTS) -> Path:
-    """The run as peers-latest.md/.json, and one more line of peers-history.jsonl."""
+    """The run as peers-latest.md/.json (peers-latest-batchN.* for --batch N), and one more line
+    of peers-history.jsonl."""
     results.mkdir(parents=True, exist_ok=True)
-    (results / "peers-latest.json").write_text(json.dumps(data, indent=2))
-    (results / "peers-latest.md").write_text(to_markdown(data))
+    stem = "peers-latest" if data.get("batch", 1) == 1 else f"peers-latest-batch{data['batch']}"
+    (results / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    (results / f"{stem}.md").write_text(to_markdown(data))
     with open(results / "peers-history.jsonl", "a", encoding="utf-8") as history:
         history.write(json.dumps(data, separators=(",", ":")) + "\n")
-    return results / "peers-latest.md"
+    return results / f"{stem}.md"
 
 
 def to_markdown(data: dict) -> str:
     m = data["machine"]
-    lines = [f"# detkit vs peers, CPU, batch 1, float32 ({data['date']})", "",
+    lines = [f"# detkit vs peers, CPU, batch {data.get('batch', 1)} ({data['date']})", "",
              f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['platform']}",
              f"- threads: {data['threads']} for every peer (torch, OpenCV, onnxruntime, OMP/MKL); "
              "reference darknet is single-threaded",
              f"- versions: torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, "
-             f"OpenCV {m.get('opencv')}, Python {m['python']}",
+             f"OpenVINO {m.get('openvino')}, OpenCV {m.get('opencv')}, Python {m['python']}",
              f"- load average (1 min) before/after: {data['load_before']:.2f} / "
              f"{data['load_after']:.2f}{' (shared machine: other processes were running)' if max(data['load_before'], data['load_after']) > 0.5 else ''}",
              f"- input: darknet's dog.jpg letterboxed to the network size; forward pass only "
              f"(head activations; detkit also decodes boxes), {data['rounds']} interleaved rounds",
              f"- command: `{data['command']}`", ""]
     for name, peers in data["models"].items():
-        ref = peers.get("detkit-fast", {}).get("median_ms")
+        ref_key = "detkit-auto" if peers.get("detkit-auto", {}).get("median_ms") else "detkit-fast"
+        ref = peers.get(ref_key, {}).get("median_ms")
         lines += [f"## {name} ({MODELS[name][0]}, weights: {MODELS[name][1] or 'detkit init'})", "",
-                  "| peer | median ms | min ms | samples | x detkit fast |",
-                  "|---|---:|---:|---:|---:|"]
+                  f"| peer | median ms | min ms | samples | x {PEERS[ref_key][0]} | precision |",
+                  "|---|---:|---:|---:|---:|---|"]
         for p in peers.values():
             if p["median_ms"] is None:
                 lines.append(f"| {p['label']} | failed: {p['error']} | | | |")
                 continue
             ratio = f"{p['median_ms'] / ref:.2f}" if ref else "-"
             lines.append(f"| {p['label']} | {p['median_ms']:.1f} | {min(p['samples_ms']):.1f} | "
-                         f"{len(p['samples_ms'])} | {ratio} |")
+                         f"{len(p['samples_ms'])} | {ratio} | {p['info'].rsplit(', ', 1)[-1]} |")
         lines.append("")
-    lines.append("`x detkit fast` = peer median / detkit fast-path median (> 1: detkit is faster).")
+    lines.append("`x detkit ...` = peer median / the detkit reference's median (> 1: detkit is "
+                 "faster); the reference is detkit's default (precision auto) when it ran.")
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +286,7 @@ def main() -> None:
     parser.add_argument("--slow-samples", type=int, default=3,
                         help="samples of peers slower than 2 s per forward (darknet)")
     parser.add_argument("--models", default="yolov3-tiny,yolov2-voc,yolov3,ssd300")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward pass")
     parser.add_argument("--peers", default=",".join(PEERS))
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
@@ -259,7 +294,10 @@ def main() -> None:
     if "opencv" in peers and not OPENCV_PY.exists():
         raise SystemExit(f"{OPENCV_PY} missing: run `make bench-peers` (creates the venv)")
     ensure_weights()
+    if any(p in ONNX_PEERS for p in peers) and not OPENVINO_PY.exists():
+        raise SystemExit(f"{OPENVINO_PY} missing: run `make bench-peers` (creates the venv)")
     data = {"date": dt.datetime.now().isoformat(timespec="seconds"), "threads": args.threads,
+            "batch": args.batch,
             "rounds": args.rounds, "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "machine": machine(), "load_before": os.getloadavg()[0], "models": {}}
     for name in models:
@@ -269,7 +307,7 @@ def main() -> None:
         print(f"{name} ...", file=sys.stderr, flush=True)
         start = time.time()
         results = bench_model(name, args.threads, args.rounds, args.round_ms, args.slow_samples,
-                              peers)
+                              peers, args.batch)
         data["models"][name] = {k: {"label": r.label, "info": r.info, "error": r.error,
                                     "median_ms": r.median, "samples_ms": r.samples_ms}
                                 for k, r in results.items()}

@@ -37,9 +37,27 @@ def test_each_run_replaces_latest_and_appends_one_history_line(tmp_path):
     assert "| detkit fast path | 25.0 |" in (tmp_path / "peers-latest.md").read_text()
 
 
-def test_the_committed_history_ends_with_the_latest_run():
+def test_the_committed_history_ends_with_the_latest_runs():
+    """Each batch size's latest file is the last history line of that batch size."""
     results = REPO / "bench" / "results"
-    last = json.loads((results / "peers-history.jsonl").read_text().splitlines()[-1])
-    assert last == json.loads((results / "peers-latest.json").read_text())
-    peers_files = sorted(p.name for p in results.iterdir() if p.name.startswith("peers"))
-    assert peers_files == ["peers-history.jsonl", "peers-latest.json", "peers-latest.md"]
+    history = [json.loads(line) for line in (results / "peers-history.jsonl").read_text().splitlines()]
+    latest_by_batch = {run.get("batch", 1): run for run in history}
+    for batch, run in latest_by_batch.items():
+        stem = "peers-latest" if batch == 1 else f"peers-latest-batch{batch}"
+        if (results / f"{stem}.json").exists() or batch == 1:
+            assert run == json.loads((results / f"{stem}.json").read_text()), stem
+    allowed = {"peers-history.jsonl"} | {
+        f"{'peers-latest' if b == 1 else f'peers-latest-batch{b}'}.{ext}"
+        for b in latest_by_batch for ext in ("json", "md")}
+    peers_files = {p.name for p in results.iterdir() if p.name.startswith("peers")}
+    assert peers_files <= allowed and "peers-latest.json" in peers_files
+
+
+def test_batch_runs_have_their_own_latest_files(tmp_path):
+    peers = load_peers()
+    run = fake_run("2026-12-07T03:00:00", 90.0)
+    run["batch"] = 8
+    peers.write_results(run, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "peers-history.jsonl", "peers-latest-batch8.json", "peers-latest-batch8.md"]
+    assert "batch 8" in (tmp_path / "peers-latest-batch8.md").read_text()
