@@ -124,13 +124,15 @@ class PeerResult:
 
 
 def export_for_peers(cfg: str, weights: str | None, size: tuple[int, int], path: Path) -> None:
-    """detkit's ONNX export of the network (checked against PyTorch by onnxruntime), the file
-    the OpenVINO peers compile."""
+    """detkit's ONNX export of the network, the file the OpenVINO peers compile. Unchecked, as
+    the onnxruntime peer's: the random timing weights of the big nets blow the box decode up to
+    values where runtimes' rounding differs beyond the export check's 1e-4 (the official
+    yolov3-tiny weights pass it, tests/test_export.py)."""
     import detkit
     from detkit.export import export_onnx
 
     export_onnx(detkit.load_model(str(REPO / cfg), str(REPO / weights) if weights else None),
-                path, size=size)
+                path, size=size, check=False)
 
 
 def make_input(size: tuple[int, int], path: Path, batch: int = 1) -> None:
