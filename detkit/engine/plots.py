@@ -216,8 +216,10 @@ def _x_ticks(lo: float, hi: float, width: int, scale: float) -> list[float]:
 
 
 def _draw_frame(image: np.ndarray, title: str, x_label: str, y_label: str,
-                x_range: tuple[float, float], y_range: tuple[float, float]) -> _Frame:
-    """Title, axis labels, ticks, tick labels and grid; returns the plot area left inside."""
+                x_range: tuple[float, float], y_range: tuple[float, float],
+                categories: Sequence[str] | None = None) -> _Frame:
+    """Title, axis labels, ticks, tick labels and grid; returns the plot area left inside.
+    `categories`: named x positions 0, 1, ... (a bar chart's classes) instead of number ticks."""
     size_h, size_w = image.shape[:2]
     tick_scale, label_scale, title_scale = 0.42, 0.5, 0.62
     tick_h = _text_size("0", tick_scale)[1]
@@ -234,7 +236,7 @@ def _draw_frame(image: np.ndarray, title: str, x_label: str, y_label: str,
     left = _PAD + y_label_w + label_w + _PAD + _TICK
     width = size_w - left - 3 * _PAD
     frame = _Frame(left, top, width, height, x_range, y_range)
-    x_ticks = _x_ticks(*x_range, width, tick_scale)
+    x_ticks = _x_ticks(*x_range, width, tick_scale) if categories is None else []
     x_step = tick_step(x_ticks)
 
     for value, text in zip(y_ticks, y_texts, strict=True):
@@ -248,6 +250,8 @@ def _draw_frame(image: np.ndarray, title: str, x_label: str, y_label: str,
         cv2.line(image, (x, top + height), (x, top + height + _TICK), _AXIS, 1)
         _put(image, format_tick(value, x_step), x, top + height + _TICK + _PAD // 2, tick_scale,
              (0.5, 0.0))
+    if categories is not None:
+        _draw_categories(image, frame, categories, tick_scale)
     cv2.rectangle(image, (left, top), (left + width, top + height), _AXIS, 1)
     if title:
         _put(image, title, left + width / 2, _PAD, title_scale, (0.5, 0.0), thickness=1)
@@ -256,6 +260,21 @@ def _draw_frame(image: np.ndarray, title: str, x_label: str, y_label: str,
     if y_label:
         _put_vertical(image, y_label, _PAD // 2, top + height // 2, label_scale)
     return frame
+
+
+def _draw_categories(image: np.ndarray, frame: _Frame, names: Sequence[str], scale: float) -> None:
+    """A label under each category (every k-th when they would overlap), cut to its slot."""
+    if not names:
+        return
+    slot = frame.width / max(frame.x_range[1] - frame.x_range[0], 1e-9)
+    widest = max(_text_size(name, scale)[0] for name in names)
+    every = max(1, math.ceil(min(widest, 60) / max(slot, 1e-9)))
+    y = frame.top + frame.height
+    for index in range(0, len(names), every):
+        x = frame.left + int(round(frame.to_pixels(np.array([float(index)]), np.array([0.0]))[0, 0]))
+        cv2.line(image, (x, y), (x, y + _TICK), _AXIS, 1)
+        text = _fit(names[index], max(int(slot * every) - 4, 8), scale)
+        _put(image, text, x, y + _TICK + _PAD // 2, scale, (0.5, 0.0))
 
 
 # -- series and legend ---------------------------------------------------------------------------
@@ -267,13 +286,13 @@ def _finite_runs(xs: np.ndarray, ys: np.ndarray) -> list[np.ndarray]:
 
 
 def _draw_series(area: np.ndarray, ink: np.ndarray, frame: _Frame, xs: np.ndarray,
-                 ys: np.ndarray, color: tuple[int, int, int]) -> None:
-    """One series as anti-aliased lines (dots as well when sparse), also marked on `ink`, the
-    mask the legend uses to find a free corner."""
+                 ys: np.ndarray, color: tuple[int, int, int], markers: bool | None = None) -> None:
+    """One series as anti-aliased lines (dots as well when sparse, or always with `markers`),
+    also marked on `ink`, the mask the legend uses to find a free corner."""
     pixels = np.nan_to_num(frame.to_pixels(xs, ys))  # NaN rows are skipped below; 0 casts quietly
     points = np.round(pixels * (1 << _SHIFT)).astype(np.int32)
     runs = _finite_runs(xs, ys)
-    dots = sum(len(run) for run in runs) <= _MARKERS_UP_TO
+    dots = sum(len(run) for run in runs) <= _MARKERS_UP_TO if markers is None else markers
     for run in runs:
         if len(run) > 1:
             curve = points[run].reshape(-1, 1, 2)
@@ -332,10 +351,20 @@ def _as_series(series: Series) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def write_png(image: np.ndarray, path: Path) -> Path:
     """Encode as PNG whatever the suffix says (cv2.imwrite picks the codec from it, and fails
     on some non-ASCII paths), creating the folder."""
-    ok, data = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"could not encode a PNG for {path}")
+    return write_image(image, path, ".png")
+
+
+def write_image(image: np.ndarray, path: Path, codec: str | None = None) -> Path:
+    """Encode with `codec` (".png", ".jpg"; default: the suffix's, JPEG for .jpg/.jpeg, else
+    PNG) and write, creating the folder: photos (labels.jpg, train_batch0.jpg) go as JPEG as
+    ultralytics writes them, charts as PNG."""
     path = Path(path)
+    if codec is None:
+        codec = ".jpg" if path.suffix.lower() in (".jpg", ".jpeg") else ".png"
+    params = [cv2.IMWRITE_JPEG_QUALITY, 92] if codec == ".jpg" else []
+    ok, data = cv2.imencode(codec, image, params)
+    if not ok:
+        raise OSError(f"could not encode {codec} for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data.tobytes())
     return path
@@ -352,8 +381,10 @@ def _checked_range(limits: tuple[float, float]) -> tuple[float, float]:
 def render_line_chart(series: Series, title: str = "", x_label: str = "", y_label: str = "",
                       size: tuple[int, int] = (800, 500), *,
                       x_range: tuple[float, float] | None = None,
-                      y_range: tuple[float, float] | None = None) -> np.ndarray:
-    """`line_chart`'s image (BGR, height x width) without writing it, for tests and composition."""
+                      y_range: tuple[float, float] | None = None,
+                      markers: bool | None = None) -> np.ndarray:
+    """`line_chart`'s image (BGR, height x width) without writing it, for tests and composition.
+    `markers`: a dot on every point (True), none (False), or only for sparse series (None)."""
     width, height = size
     if width < _MIN_SIZE[0] or height < _MIN_SIZE[1]:
         raise ValueError(f"chart size {size} is below the minimum {_MIN_SIZE}")
@@ -372,7 +403,7 @@ def render_line_chart(series: Series, title: str = "", x_label: str = "", y_labe
     entries = []
     for i, (name, xs, ys) in enumerate(data):
         color = series_color(i, len(data))
-        _draw_series(area, ink, frame, xs, ys, color)
+        _draw_series(area, ink, frame, xs, ys, color, markers)
         has_data = bool((np.isfinite(xs) & np.isfinite(ys)).any())
         entries.append((name if has_data else f"{name} (no data)", color))
     if not ink.any():
@@ -388,14 +419,15 @@ def render_line_chart(series: Series, title: str = "", x_label: str = "", y_labe
 def line_chart(series: Series, title: str, x_label: str, y_label: str, path: Path,
                size: tuple[int, int] = (800, 500), *,
                x_range: tuple[float, float] | None = None,
-               y_range: tuple[float, float] | None = None) -> Path:
+               y_range: tuple[float, float] | None = None,
+               markers: bool | None = None) -> Path:
     """A PNG line chart of `{name: (xs, ys)}` at `size` (width, height); returns `path`.
 
     Ranges default to the finite data (y with a 5% margin); NaN/inf points break a line rather
     than failing, and empty, single-point or constant series still give a readable chart.
     """
     image = render_line_chart(series, title, x_label, y_label, size, x_range=x_range,
-                              y_range=y_range)
+                              y_range=y_range, markers=markers)
     return write_png(image, path)
 
 
@@ -441,30 +473,303 @@ def map_columns(names: Sequence[str]) -> list[str]:
     return [n for n in names if n.lower().startswith("map")]
 
 
-def plot_training(metrics_csv: Path, out_dir: Path, size: tuple[int, int] = (800, 500)) -> list[Path]:
-    """loss.png, map.png and lr.png in `out_dir` from the trainer's metrics.csv; returns the
-    files written. A chart is skipped only when its columns are absent from the header (a CSV
-    with a header and no rows still gives "no data" charts, so the files are always there)."""
-    columns = read_metrics(metrics_csv)
-    names = list(columns)
+def _columns_of(path: Path | None) -> dict[str, np.ndarray]:
+    """A CSV's columns, or none when there is no such file (a run without validation has no
+    metrics.csv; a run from before iterations.csv has none of that)."""
+    return read_metrics(path) if path is not None and Path(path).is_file() else {}
+
+
+def _x_axis(columns: dict[str, np.ndarray]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(x label, x values, rows of the latest run through each x)."""
     rows = len(next(iter(columns.values()))) if columns else 0
-    x_name = "iteration" if "iteration" in columns else "row"
     x = columns.get("iteration", np.arange(rows, dtype=np.float64))
-    keep = latest_run(x)
+    return ("iteration" if "iteration" in columns else "row"), x, latest_run(x)
+
+
+def map_range(values: np.ndarray) -> tuple[float, float]:
+    """The mAP axis from 0 (a chart from 0.40 to 0.41 makes noise look like progress) to a
+    little above the best value, at most 1.05; (0, 1) without data."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    return 0.0, float(min(max(finite.max() * 1.1, 0.05), 1.05))
+
+
+def plot_training(metrics_csv: Path | None, out_dir: Path, size: tuple[int, int] = (800, 500),
+                  iterations_csv: Path | None = None) -> list[Path]:
+    """loss.png, map.png and lr.png in `out_dir`; returns the files written.
+
+    mAP comes from metrics.csv, one dot per evaluation on an axis from 0. Loss and learning rate
+    come from `iterations_csv` (one row per iteration: the warm-up and every step are visible)
+    when it exists, else from metrics.csv's per-evaluation averages. A chart is skipped only when
+    its columns are absent (a header without rows still gives "no data" charts)."""
+    metrics = _columns_of(metrics_csv)
+    per_step = _columns_of(iterations_csv) or metrics
     out_dir = Path(out_dir)
-
-    def chart(file: str, picked: list[str], title: str, y_label: str) -> Path:
-        series = {n: (x[keep], columns[n][keep]) for n in picked}
-        return line_chart(series, title, x_name, y_label, out_dir / file, size)
-
     written = []
-    if losses := loss_columns(names):
-        written.append(chart("loss.png", losses, "Training loss", "loss"))
-    if maps := map_columns(names):
-        written.append(chart("map.png", maps, "Validation mAP@0.5", "mAP"))
-    if "lr" in columns:
-        written.append(chart("lr.png", ["lr"], "Learning rate", "lr"))
+
+    def chart(columns: dict, file: str, picked: list[str], title: str, y_label: str, **kw) -> None:
+        x_name, x, keep = _x_axis(columns)
+        series = {n: (x[keep], columns[n][keep]) for n in picked}
+        written.append(line_chart(series, title, x_name, y_label, out_dir / file, size, **kw))
+
+    if losses := loss_columns(list(per_step)):
+        chart(per_step, "loss.png", losses, "Training loss", "loss")
+    if maps := map_columns(list(metrics)):
+        values = np.concatenate([metrics[n] for n in maps])
+        chart(metrics, "map.png", maps, "Validation mAP@0.5", "mAP", y_range=map_range(values),
+              markers=True)
+    if "lr" in per_step:
+        chart(per_step, "lr.png", ["lr"], "Learning rate", "lr")
     return written
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over the finite values (NaN where a window has none): the trend
+    of a per-iteration loss, which is too noisy to read on its own."""
+    values = np.asarray(values, np.float64)
+    if window <= 1 or values.size == 0:
+        return values.copy()
+    finite = np.isfinite(values)
+    kernel = np.ones(window)
+    sums = np.convolve(np.where(finite, values, 0.0), kernel, "same")
+    counts = np.convolve(finite.astype(np.float64), kernel, "same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan)
+
+
+def _panel(columns: dict[str, np.ndarray], name: str, size: tuple[int, int], *,
+           is_map: bool = False, trend: bool = True) -> np.ndarray:
+    """One results.png panel: a column against iterations (with its trend when dense and
+    `trend`: a loss is noisy per iteration, a learning rate is not)."""
+    x_name, x, keep = _x_axis(columns)
+    ys = columns[name][keep] if name in columns else np.zeros(0)
+    xs = x[keep] if name in columns else np.zeros(0)
+    series = {name: (xs, ys)}
+    if trend and not is_map and len(ys) > _MARKERS_UP_TO:
+        series["smoothed"] = (xs, smooth(ys, max(3, len(ys) // 20)))
+    extra = {"y_range": map_range(ys), "markers": True} if is_map else {}
+    return render_line_chart(series, name, x_name, "", size, **extra)
+
+
+def render_results(metrics_csv: Path | None, iterations_csv: Path | None,
+                   panel: tuple[int, int] = (400, 300), columns: int = 4) -> np.ndarray:
+    """results.png's image: one panel per loss part and for the learning rate (per iteration
+    where iterations.csv exists) and one per mAP column (per evaluation), as ultralytics' run
+    summary gives all of a run's curves at one glance."""
+    metrics = _columns_of(metrics_csv)
+    per_step = _columns_of(iterations_csv) or metrics
+    panels = [_panel(per_step, n, panel) for n in loss_columns(list(per_step))]
+    panels.append(_panel(per_step, "lr", panel, trend=False))
+    panels += [_panel(metrics, n, panel, is_map=True) for n in map_columns(list(metrics)) or ["map50"]]
+    return tile_images(panels, columns)
+
+
+def plot_results(metrics_csv: Path | None, iterations_csv: Path | None, path: Path) -> Path:
+    """results.png: every training curve of a run in one image (see `render_results`)."""
+    return write_png(render_results(metrics_csv, iterations_csv), path)
+
+
+def tile_images(images: Sequence[np.ndarray], columns: int, fill: int = 255) -> np.ndarray:
+    """Equal-sized BGR images in a grid of `columns`, row by row, blank cells `fill`."""
+    if not images:
+        raise ValueError("no images to tile")
+    height, width = images[0].shape[:2]
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    grid = np.full((rows * height, columns * width, 3), fill, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
+    return grid
+
+
+# -- label statistics, training batches, confusion matrix --------------------------------------
+def render_bars(counts: Sequence[float], names: Sequence[str], title: str = "", y_label: str = "",
+                size: tuple[int, int] = (600, 450)) -> np.ndarray:
+    """A bar per category (class counts), named under the axis, the count above each bar."""
+    counts = np.asarray(counts, np.float64).ravel()
+    image = np.full((size[1], size[0], 3), 255, np.uint8)
+    top = float(counts.max()) * 1.12 if counts.size and counts.max() > 0 else 1.0
+    frame = _draw_frame(image, title, "", y_label, (-0.5, max(len(counts), 1) - 0.5), (0.0, top),
+                        categories=list(names))
+    half = max(1, int(frame.width / max(len(counts), 1) * 0.35))
+    for index, count in enumerate(counts):
+        x, y = (frame.to_pixels(np.array([float(index)]), np.array([count]))[0]
+                + (frame.left, frame.top)).astype(int)
+        base = frame.top + frame.height
+        color = series_color(index, len(counts))
+        cv2.rectangle(image, (x - half, int(y)), (x + half, base), color, -1)
+        if half >= 6:
+            _put(image, f"{count:g}", x, y - 2, 0.38, (0.5, 1.0))
+    return image
+
+
+def render_density(xs: Sequence[float], ys: Sequence[float], title: str = "", x_label: str = "",
+                   y_label: str = "", size: tuple[int, int] = (450, 450), bins: int = 50,
+                   x_range: tuple[float, float] = (0.0, 1.0),
+                   y_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """A 2-D histogram as a heat map (log scale, empty cells white): readable for ten boxes
+    or a million, where a scatter plot turns into one blot."""
+    xs, ys = np.asarray(xs, np.float64).ravel(), np.asarray(ys, np.float64).ravel()
+    x_range, y_range = _checked_range(x_range), _checked_range(y_range)
+    image = np.full((size[1], size[0], 3), 255, np.uint8)
+    frame = _draw_frame(image, title, x_label, y_label, x_range, y_range)
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    counts, _, _ = np.histogram2d(ys[finite], xs[finite], bins=bins, range=[y_range, x_range])
+    heat = _heat_colors(counts[::-1])  # histogram row 0 is the lowest y: the chart's bottom
+    heat = cv2.resize(heat, (frame.width + 1, frame.height + 1), interpolation=cv2.INTER_NEAREST)
+    image[frame.top:frame.top + frame.height + 1, frame.left:frame.left + frame.width + 1] = heat
+    cv2.rectangle(image, (frame.left, frame.top), (frame.left + frame.width, frame.top + frame.height),
+                  _AXIS, 1)
+    if not finite.any():
+        _put(image, "no data", frame.left + frame.width / 2, frame.top + frame.height / 2, 0.6,
+             (0.5, 0.5), _MUTED)
+    return image
+
+
+def _heat_colors(counts: np.ndarray) -> np.ndarray:
+    """Counts as viridis colours on a log scale; zero cells white."""
+    level = np.log1p(counts)
+    scaled = np.round(level / level.max() * 255).astype(np.uint8) if level.max() > 0 else \
+        np.zeros(counts.shape, np.uint8)
+    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_VIRIDIS)
+    heat[counts == 0] = 255
+    return heat
+
+
+def render_labels(classes: np.ndarray, boxes: np.ndarray, names: Sequence[str] | None = None,
+                  num_classes: int | None = None, panel: int = 450) -> np.ndarray:
+    """labels.jpg's image: instances per class, box centres and box width x height (all in
+    image fractions), so a skewed or mislabelled data set shows before training on it."""
+    classes = np.asarray(classes, np.int64).ravel()
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    count = max(num_classes or 0, len(names or []), int(classes.max()) + 1 if classes.size else 1)
+    labels = [str(names[i]) if names and i < len(names) else str(i) for i in range(count)]
+    tally = np.bincount(classes[classes >= 0], minlength=count)[:count] if classes.size else np.zeros(count)
+    bars = render_bars(tally, labels, f"Instances per class ({len(classes)} boxes)", "instances",
+                       (panel + panel // 3, panel))
+    centres = render_density(boxes[:, 0], boxes[:, 1], "Box centres", "x", "y", (panel, panel))
+    sizes = render_density(boxes[:, 2], boxes[:, 3], "Box width x height", "width", "height",
+                           (panel, panel))
+    return np.hstack([bars, centres, sizes])
+
+
+def plot_labels(classes: np.ndarray, boxes: np.ndarray, path: Path,
+                names: Sequence[str] | None = None, num_classes: int | None = None) -> Path:
+    """labels.jpg from the training labels: `classes` (N,) and `boxes` (N, 4) cx, cy, w, h as
+    fractions of the image (see `render_labels`)."""
+    return write_image(render_labels(classes, boxes, names, num_classes), path)
+
+
+def render_batch(images: np.ndarray, targets: np.ndarray, names: Sequence[str] | None = None,
+                 num_classes: int = 1, max_images: int = 16, max_side: int = 1920,
+                 min_tile: int = 160) -> np.ndarray:
+    """A mosaic of a training batch as the network sees it, boxes drawn: the check that the
+    augmentation (jitter, mosaic, flips, colour) still keeps boxes on their objects.
+
+    `images`: (B, H, W, 3) BGR uint8; `targets`: rows (image index, class, cx, cy, w, h) with
+    boxes as fractions of the network input. At most `max_images`; tiles at least `min_tile`
+    pixels (a 64 px training input is enlarged to be seen), the mosaic's longer side at most
+    `max_side`."""
+    images = np.asarray(images)[:max_images]
+    targets = np.asarray(targets, np.float64).reshape(-1, 6)
+    count, height, width = images.shape[:3]
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    scale = min(max(1.0, min_tile / min(width, height)), max_side / max(columns * width, rows * height))
+    tile_w, tile_h = max(1, int(width * scale)), max(1, int(height * scale))
+    tiles = []
+    for index in range(count):
+        tile = cv2.resize(np.ascontiguousarray(images[index]), (tile_w, tile_h),
+                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        _draw_targets(tile, targets[targets[:, 0] == index, 1:], names, num_classes)
+        cv2.rectangle(tile, (0, 0), (tile_w - 1, tile_h - 1), (255, 255, 255), 1)
+        tiles.append(tile)
+    return tile_images(tiles, columns, fill=114)
+
+
+def _draw_targets(tile: np.ndarray, rows: np.ndarray, names: Sequence[str] | None,
+                  num_classes: int) -> None:
+    """Boxes (class, cx, cy, w, h as fractions) on a tile, with the class name when it fits."""
+    height, width = tile.shape[:2]
+    for cls, cx, cy, w, h in rows:
+        cls = int(cls)
+        color = series_color(cls, max(num_classes, 1))
+        x1, y1 = int(round((cx - w / 2) * width)), int(round((cy - h / 2) * height))
+        x2, y2 = int(round((cx + w / 2) * width)), int(round((cy + h / 2) * height))
+        cv2.rectangle(tile, (x1, y1), (x2, y2), color, max(1, round(min(width, height) / 80)))
+        name = str(names[cls]) if names and 0 <= cls < len(names) else str(cls)
+        if width >= 160:
+            _put(tile, name, max(x1, 0) + 2, max(y1, 0) + 2, 0.35, color=color)
+
+
+def plot_batch(images: np.ndarray, targets: np.ndarray, path: Path,
+               names: Sequence[str] | None = None, num_classes: int = 1) -> Path:
+    """train_batch0.jpg and the like (see `render_batch`)."""
+    return write_image(render_batch(images, targets, names, num_classes), path)
+
+
+def render_confusion_matrix(matrix: np.ndarray, names: Sequence[str] | None = None,
+                            title: str = "Confusion matrix") -> np.ndarray:
+    """ultralytics' layout: rows predicted, columns true, the last of each "background"
+    (row: labels nothing found, column: detections of nothing). Cells hold counts; their
+    colour is the share of the column (of that true class), so rare classes read as well."""
+    matrix = np.asarray(matrix, np.float64)
+    size = matrix.shape[0]
+    labels = [str(names[i]) if names and i < len(names) else str(i) for i in range(size - 1)]
+    labels.append("background")
+    cell = int(np.clip(640 // size, 14, 64))
+    scale = 0.4 if cell >= 28 else 0.3
+    margin = min(max(_text_size(t, 0.4)[0] for t in labels) + 2 * _PAD, 160)
+    top = 2 * _PAD + _text_size(title, 0.55)[1] + _PAD
+    image = np.full((top + size * cell + margin + 2 * _PAD + 20, margin + size * cell + 30 + 3 * _PAD, 3),
+                    255, np.uint8)
+    totals = matrix.sum(0, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+    for r in range(size):
+        for c in range(size):
+            _draw_cell(image, margin + 20 + c * cell, top + r * cell, cell, matrix[r, c], share[r, c], scale)
+    left = margin + 20
+    _put(image, title, left + size * cell / 2, _PAD, 0.55, (0.5, 0.0))
+    for i, text in enumerate(labels):
+        fitted = _fit(text, margin - _PAD, 0.4)
+        _put(image, fitted, left - _PAD, top + i * cell + cell / 2, 0.4, (1.0, 0.5))
+        _put_rotated(image, fitted, left + i * cell + cell / 2, top + size * cell + _PAD, 0.4)
+    _put_vertical(image, "predicted", _PAD // 2, top + size * cell // 2, 0.45)
+    _put(image, "true", left + size * cell / 2, image.shape[0] - _PAD, 0.45, (0.5, 1.0))
+    return image
+
+
+def _draw_cell(image: np.ndarray, x: int, y: int, cell: int, count: float, share: float,
+               scale: float) -> None:
+    """One matrix cell: white to blue by `share`, the count written when the cell is wide enough."""
+    blue = np.array(PALETTE[0], np.float64)
+    color = tuple(int(v) for v in np.round(255 + (blue - 255) * share))
+    cv2.rectangle(image, (x, y), (x + cell, y + cell), color, -1)
+    cv2.rectangle(image, (x, y), (x + cell, y + cell), _GRID, 1)
+    if count and cell >= 22:
+        ink = (255, 255, 255) if share > 0.5 else _TEXT
+        _put(image, f"{count:g}", x + cell / 2, y + cell / 2, scale, (0.5, 0.5), ink)
+
+
+def _put_rotated(image: np.ndarray, text: str, x_center: float, y_top: int, scale: float) -> None:
+    """Text read bottom to top, its end at (x_center, y_top): a column label under a matrix."""
+    width, height = _text_size(text, scale)
+    tile = np.full((height + _PAD, width + 2, 3), 255, np.uint8)
+    _put(tile, text, 1, _PAD // 2, scale)
+    tile = cv2.rotate(tile, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    left = int(np.clip(round(x_center - tile.shape[1] / 2), 0, image.shape[1] - tile.shape[1]))
+    rows = min(tile.shape[0], image.shape[0] - y_top)
+    if rows > 0:
+        region = image[y_top:y_top + rows, left:left + tile.shape[1]]
+        np.minimum(region, tile[:rows], out=region)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, path: Path, names: Sequence[str] | None = None,
+                          title: str = "Confusion matrix") -> Path:
+    """confusion_matrix.png (see `render_confusion_matrix`)."""
+    return write_png(render_confusion_matrix(matrix, names, title), path)
 
 
 # -- precision-recall ----------------------------------------------------------------------------

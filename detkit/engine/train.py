@@ -1,6 +1,8 @@
 """The trainer: darknet's schedule and SGD, gradient accumulation over subdivisions, AMP, EMA,
-atomic resumable checkpoints, a NaN guard, evaluation and a metrics CSV. Heads stay opaque: the
-trainer only calls `model(x, targets) -> (loss, parts)` and `model(x)` for evaluation."""
+atomic resumable checkpoints, a NaN guard, evaluation, a metrics CSV per evaluation and one per
+iteration, and the run folder's pictures (charts, labels, the first batch, a confusion matrix).
+Heads stay opaque: the trainer only calls `model(x, targets) -> (loss, parts)` and `model(x)`
+for evaluation."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +36,35 @@ from ..weights import load_darknet_weights, load_darknet_weights_transfer, save_
 from .checkpoint import load_checkpoint, load_checkpoint_into, save_checkpoint
 from .evaluate import ImageDetections, ImageTruth, evaluate_voc
 from .letterbox import default_letterbox, has_ssd_head
-from .plots import plot_pr_curves, plot_training
+from .plots import (
+    plot_batch,
+    plot_confusion_matrix,
+    plot_labels,
+    plot_pr_curves,
+    plot_results,
+    plot_training,
+)
 from .schedule import Schedule, parameter_groups
 from .slicing import check_tiling, predict_sliced
 from .tta import predict_views
 
 log = logging.getLogger("detkit")
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What one evaluation during training found, handed to `TrainOptions.on_evaluate` (the CLI
+    prints `line()`): the library itself never prints."""
+
+    iteration: int
+    max_batches: int
+    map50: float
+    best_map: float
+    loss: float  # mean training loss since the previous evaluation
+
+    def line(self) -> str:
+        return (f"iteration {self.iteration}/{self.max_batches}: mAP@0.5 {self.map50:.3f} "
+                f"(best {self.best_map:.3f}) loss {self.loss:.3g}")
 
 
 @dataclass
@@ -75,6 +101,7 @@ class TrainOptions:
     exist_ok: bool = False              # a fresh run may replace the run already in `out`
     data: str | None = None             # where train/val came from, recorded for --resume
     val_data: str | None = None
+    on_evaluate: Callable[[EvaluationReport], None] | None = None  # called after each evaluation
 
 
 @dataclass
@@ -148,12 +175,13 @@ def check_run_folder(out: Path, resume: bool, exist_ok: bool) -> None:
 
 
 def make_run_folder(out: Path, replace: bool) -> None:
-    """Create `out`; with `replace` (--exist-ok) the old run's metrics.csv goes, so its rows are
-    not mixed with the new run's."""
+    """Create `out`; with `replace` (--exist-ok) the old run's metrics.csv and iterations.csv
+    go, so their rows are not mixed with the new run's."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         if replace:
-            (out / "metrics.csv").unlink(missing_ok=True)
+            for name in ("metrics.csv", "iterations.csv"):
+                (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise DetkitError(f"--out {out}: cannot create the run folder ({exc.strerror or exc})"
                           ) from None
@@ -183,6 +211,7 @@ class Trainer:
         self.hyper = self._hyper()
         self.schedule = Schedule.from_net(self.model.net)
         self._apply_overrides()
+        self._warn_if_all_warm_up()
         self._check_memory()
         self._keep_resumed_optimizer(saved)
         self.ema = copy.deepcopy(self.model).eval() if options.ema > 0 else None
@@ -299,6 +328,17 @@ class Trainer:
         if self.schedule.max_batches <= 0:
             raise DetkitError("max_batches must be positive ([net] max_batches or --max-batches)")
 
+    def _warn_if_all_warm_up(self) -> None:
+        """A run no longer than burn_in never reaches its learning rate (darknet's warm-up ramps
+        as (i / burn_in)^power), so a short trial run would silently learn next to nothing."""
+        total, burn_in = self.schedule.max_batches, self.schedule.burn_in
+        if self.rank != 0 or burn_in <= 0 or total > burn_in:
+            return
+        peak = self.schedule.rate(total - 1)
+        log.warning("warning: max_batches %d <= burn_in %d: the whole run is warm-up at learning "
+                    "rates below lr %g (at most %.2g); pass --burn-in N with N < %d",
+                    total, burn_in, self.schedule.learning_rate, peak, total)
+
     def _check_memory(self) -> None:
         """One micro-batch's training activations at the largest input size this run uses."""
         micro = self.hyper["batch"] // self.hyper["subdivisions"] // self.world
@@ -364,13 +404,19 @@ class Trainer:
                   if t.is_floating_point()]
         return bool(torch.stack(checks).all()) if checks else True   # one host-device sync
 
+    def _save_with_weights(self, checkpoint: str, weights: str) -> bool:
+        """A .pt checkpoint and, when it was written, the same weights as darknet .weights (the
+        EMA's when on, as load_checkpoint_into deploys from the .pt), both atomic."""
+        if not self.save(checkpoint):
+            return False
+        save_darknet_weights(self.ema or self.model, self.options.out / weights, seen=self.model.seen)
+        return True
+
     def _save_at_exit(self, failing: bool) -> None:
         """last.pt and last.weights when the loop ends; while another error is on its way out,
         a failing save (disk full again) is logged, not raised over it."""
         try:
-            if self.save():
-                save_darknet_weights(self.ema or self.model, self.options.out / "last.weights",
-                                     seen=self.model.seen)
+            self._save_with_weights("last.pt", "last.weights")
         except DetkitError as exc:
             if not failing:
                 raise
@@ -428,6 +474,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
         self._started = time.perf_counter()  # wall clock of this process (see _minutes)
+        self._write_label_plot()
         loader = iter(self._loader())
         nan_steps = 0
         stop = {"now": False}
@@ -473,8 +520,10 @@ class Trainer:
         # Darknet heads return a sum over images (divide by the batch); a head whose loss is
         # already a batch mean (SSD, as torchvision) is averaged over the micro-batches instead.
         divisor = self.hyper["subdivisions"] if self._batch_mean_loss else self.hyper["batch"] // self.world
-        for _ in range(self.hyper["subdivisions"]):
+        for micro in range(self.hyper["subdivisions"]):
             images, targets, _ = next(loader)
+            if self.iteration == 0 and micro == 0:
+                self._write_batch_plot(images, targets)
             x = images.to(self.device, non_blocking=True).float().div_(255)
             if (x.shape[3], x.shape[2]) != size:
                 x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False)
@@ -531,23 +580,52 @@ class Trainer:
         bar.update(1)
         self.history.append({"iteration": self.iteration, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                              **parts})
+        self._write_iteration(self.history[-1])
+
+    def _write_iteration(self, row: dict) -> None:
+        """iterations.csv: one row per iteration (lr, loss and its parts), for the loss and lr
+        charts; metrics.csv keeps one averaged row per evaluation. Appended as it goes, so a
+        killed run keeps its rows (a resume re-logs the iterations after last.pt, and the charts
+        keep the latest run through each iteration)."""
+        if self.rank != 0:
+            return
+        path = self.options.out / "iterations.csv"
+        new = not path.exists()
+        if new or getattr(self, "_iteration_fields", None) is None:
+            self._iteration_fields = list(row) if new else csv_header(path)
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self._iteration_fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
 
     # -- evaluation -------------------------------------------------------------------------
     def _evaluate_and_keep_best(self) -> float:
-        if not self.options.val or self.rank != 0:
+        """Score the validation set (evaluate_samples' mAP), keep best.pt and best.weights,
+        write metrics.csv and the charts, and report the line to `on_evaluate`. Without a
+        validation set only the training charts are drawn."""
+        if self.rank != 0:
+            return -1.0
+        if not self.options.val:
+            self._write_training_plots()
             return -1.0
         model = self.ema or self.model
-        result = evaluate_samples(model, self.options.val, self.device, tile=self.options.eval_tile)
+        detections, truths = predict_samples(model, self.options.val, self.device, tile=self.options.eval_tile)
+        result = evaluate_voc(detections, truths)
         mean_ap = result.map
-        self._write_metrics(mean_ap)
-        self._write_plots(result)
+        row = self._write_metrics(mean_ap)
         if mean_ap > self.best_map:
             self.best_map = mean_ap
-            self.save("best.pt")
-        log.info("iteration %d: mAP@0.5 %.4f (best %.4f)", self.iteration, mean_ap, self.best_map)
+            self._save_with_weights("best.pt", "best.weights")
+        self._write_plots(result, confusion_matrix(detections, truths, self.model.num_classes))
+        report = EvaluationReport(self.iteration, self.schedule.max_batches, mean_ap, self.best_map,
+                                  float(row["loss"]))
+        log.info("%s", report.line())
+        if self.options.on_evaluate is not None:
+            self.options.on_evaluate(report)
         return mean_ap
 
-    def _write_metrics(self, mean_ap: float) -> None:
+    def _write_metrics(self, mean_ap: float) -> dict:
         """One CSV row per evaluation: the loss and its parts averaged over the iterations since
         the previous row (one iteration's loss is too noisy to plot), and the latest rate."""
         path = self.options.out / "metrics.csv"
@@ -569,13 +647,104 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        return row
 
-    def _write_plots(self, result) -> None:
-        """loss/map/lr charts from metrics.csv and this evaluation's precision-recall curves."""
+    def _write_training_plots(self) -> None:
+        """loss.png and lr.png (per iteration), map.png (per evaluation) and results.png."""
         out = self.options.out
-        plot_training(out / "metrics.csv", out)
+        plot_training(out / "metrics.csv", out, iterations_csv=out / "iterations.csv")
+        plot_results(out / "metrics.csv", out / "iterations.csv", out / "results.png")
+
+    def _write_plots(self, result, matrix: np.ndarray) -> None:
+        """The training charts, this evaluation's precision-recall curves and its confusion
+        matrix (rewritten at every evaluation, so the run ends with the final one's)."""
+        out = self.options.out
+        self._write_training_plots()
         names = self.options.names or None
         plot_pr_curves(result.curves(names), out / "pr.png", ap=result.named_ap(names))
+        plot_confusion_matrix(matrix, out / "confusion_matrix.png", names,
+                              title=f"Confusion matrix (conf {CONFUSION_CONF:g}, IoU {CONFUSION_IOU:g})")
+
+    def _write_label_plot(self) -> None:
+        """labels.jpg: the training labels' classes, centres and sizes, before any training."""
+        if self.rank != 0:
+            return
+        samples = self.options.train
+        classes = np.concatenate([np.asarray(s.classes, np.int64).ravel() for s in samples] or [np.zeros(0)])
+        boxes = np.concatenate([np.asarray(s.boxes, np.float64).reshape(-1, 4) for s in samples]
+                               or [np.zeros((0, 4))])
+        plot_labels(classes, boxes, self.options.out / "labels.jpg", self.options.names or None,
+                    self.model.num_classes)
+
+    def _write_batch_plot(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """train_batch0.jpg: the run's first (micro-)batch as the network gets it, augmented,
+        with its target boxes (RGB CHW uint8 from the loader, drawn as BGR)."""
+        if self.rank != 0:
+            return
+        pictures = images.permute(0, 2, 3, 1).numpy()[..., ::-1]
+        plot_batch(pictures, targets.numpy(), self.options.out / "train_batch0.jpg",
+                   self.options.names or None, self.model.num_classes)
+
+
+CONFUSION_CONF = 0.25  # ultralytics' ConfusionMatrix thresholds
+CONFUSION_IOU = 0.5
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names of an existing CSV (its first line)."""
+    with path.open(newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every xyxy box in `a` (M, 4) with every one in `b` (N, 4): (M, N)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def match_one_to_one(iou: np.ndarray, iou_thresh: float) -> np.ndarray:
+    """(K, 2) (truth, detection) index pairs with IoU > iou_thresh, each detection and then
+    each truth kept once, at its highest IoU: ultralytics' ConfusionMatrix.process_batch."""
+    truth, det = np.nonzero(iou > iou_thresh)
+    pairs = np.stack([truth, det], 1).astype(np.int64)
+    for column in (1, 0):  # one truth per detection, then one detection per truth
+        pairs = pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")]
+        pairs = pairs[np.unique(pairs[:, column], return_index=True)[1]]
+    return pairs
+
+
+def confusion_matrix(detections: list[ImageDetections], truths: list[ImageTruth], num_classes: int,
+                     conf_thresh: float = CONFUSION_CONF, iou_thresh: float = CONFUSION_IOU) -> np.ndarray:
+    """(C+1, C+1) counts, rows predicted class, columns true class, index C the background.
+
+    As ultralytics' ConfusionMatrix: detections scoring > conf_thresh are matched to labels
+    whatever their classes (IoU > iou_thresh, one to one, best IoU first), so a box found with
+    the wrong class lands off the diagonal; a label nothing matched counts in the background
+    row (missed), a detection that matched nothing in the background column (false alarm).
+    mAP alone says neither which classes are confused nor whether errors are misses or
+    false alarms."""
+    if len(detections) != len(truths):
+        raise ValueError(f"{len(detections)} detection lists for {len(truths)} images")
+    seen = [int(np.max(c, initial=-1)) for t in (detections, truths) for c in (x.classes for x in t)]
+    num_classes = max(num_classes, max(seen, default=-1) + 1)  # never a class in the background slot
+    matrix = np.zeros((num_classes + 1, num_classes + 1), np.int64)
+    for det, truth in zip(detections, truths, strict=True):
+        keep = np.asarray(det.scores) > conf_thresh
+        det_boxes = np.asarray(det.boxes, np.float64).reshape(-1, 4)[keep]
+        det_classes = np.asarray(det.classes, np.int64)[keep]
+        true_boxes = np.asarray(truth.boxes, np.float64).reshape(-1, 4)
+        true_classes = np.asarray(truth.classes, np.int64)
+        pairs = match_one_to_one(pairwise_iou(true_boxes, det_boxes), iou_thresh)
+        np.add.at(matrix, (det_classes[pairs[:, 1]], true_classes[pairs[:, 0]]), 1)
+        missed = np.setdiff1d(np.arange(len(true_classes)), pairs[:, 0])
+        np.add.at(matrix, (num_classes, true_classes[missed]), 1)
+        unmatched = np.setdiff1d(np.arange(len(det_classes)), pairs[:, 1])
+        np.add.at(matrix, (det_classes[unmatched], num_classes), 1)
+    return matrix
 
 
 @torch.no_grad()
