@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from .cli_train import TILE_HELP, TILE_OVERLAP_HELP
+from .cli_help import use_plain_help
+from .cli_train import PRECISION_HELP, TILE_HELP, TILE_OVERLAP_HELP
 from .errors import DetkitError, SourceError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -81,7 +82,8 @@ def benchmark(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if "
                                          "available)"),
     half: bool = typer.Option(False, "--half", help="float16 (CUDA)"),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 (CUDA)"),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 (CUDA; on the CPU: --precision bf16)"),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (folded "
                               "BN, channels-last, fused/Winograd conv on CPU, CUDA graphs) or "
                               "the eager model"),
@@ -95,7 +97,8 @@ def benchmark(
     json_out: Path | None = typer.Option(None, "--json", help="also write the results as JSON"),
 ) -> None:
     """Print darknet's layer table with BFLOPs and parameters, then latency p50/p90/p99,
-    images/s, peak memory and achieved TFLOP/s per batch size."""
+    images/s, peak memory and the achieved compute rate per batch size (GFLOP/s, or TFLOP/s
+    from 1 TFLOP/s up; FLOPs = 2 x MACs) with, on GPUs of known peak, the share of it."""
     from .bench import layer_table, run_benchmark
     from .engine.checkpoint import load_model
 
@@ -123,6 +126,7 @@ def benchmark(
     if fps:
         report = run_benchmark(model, str(cfg), size, batches, device=device, fast=fast,
                                half=half, bf16=bf16, compile=compile, warmup=warmup, iters=iters,
+                               precision=precision,
                                end_to_end=end_to_end, progress=sys.stderr.isatty())
         typer.echo(report.format())
         result["benchmark"] = report.to_dict()
@@ -150,6 +154,7 @@ def detect(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if "
                                          "available)"),
     half: bool = typer.Option(False, "--half", help="float16 inference (CUDA)"),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     batch: int = typer.Option(1, "--batch", help="images or video frames per forward pass"),
     show: bool = typer.Option(False, "--show", help="show results in a window (q quits)"),
     out: Path | None = typer.Option(None, "--out", help="output folder (default: a new "
@@ -157,7 +162,9 @@ def detect(
     save_json: Path | None = typer.Option(None, "--save-json", help="also write COCO results "
                                              "JSON to this file"),
     save_txt: bool = typer.Option(False, "--save-txt", help="also write YOLO label files "
-                                  "(cls cx cy w h score) to OUT/labels"),
+                                  "(cls cx cy w h, normalised) to OUT/labels"),
+    save_conf: bool = typer.Option(False, "--save-conf", help="with --save-txt: the score as a "
+                                   "sixth column (cls cx cy w h score)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-image lines (nor progress "
                                "bar)"),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="include images in "
@@ -188,6 +195,8 @@ def detect(
     size = parse_size(img_size)
     if batch < 1:
         raise DetkitError("--batch must be at least 1")
+    if save_conf and not save_txt:
+        raise DetkitError("--save-conf adds a column to the --save-txt label files: give both")
     if show and sys.platform.startswith("linux") and not (
             os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise DetkitError("--show needs a display (DISPLAY is not set)")
@@ -217,6 +226,7 @@ def detect(
         try:
             detector = Detector(cfg, weights, device=device, conf_thresh=conf, nms_thresh=nms,
                                 half=half, img_size=size, letterbox=letterbox, names=names,
+                                precision=precision,
                                 max_det=max_det, classes=classes, fast=fast,
                                 backend=backend, tta=tta, tile=tile,
                                 tile_overlap=tile_overlap)
@@ -225,7 +235,8 @@ def detect(
                 out_dir.rmdir()
             raise
         settings = DetectSettings(out_dir=out_dir, save_json=save_json, save_txt=save_txt,
-                                  batch=batch, show=show, progress=not quiet)
+                                  save_conf=save_conf, batch=batch, show=show,
+                                  progress=not quiet)
 
         def on_result(result) -> None:
             if not quiet and result.frame.frame_index is None:
@@ -292,7 +303,8 @@ def anchors(
     if num < 1 or restarts < 1 or stride < 1:
         raise DetkitError("--num, --restarts and --stride must be at least 1")
     places = decimals if decimals is not None else (0 if stride == 1 else 2)
-    dataset = read_dataset(data, split=split, missing_labels="empty", progress=True)
+    dataset = read_dataset(data, split=split, missing_labels="empty",
+                           progress=sys.stderr.isatty())  # no bar lines in logs and pipes
     result = dataset_anchors(dataset, num, size, restarts=restarts, seed=seed,
                              include_difficult=include_difficult)
     printed = result.rounded(stride, places) * stride
@@ -355,6 +367,7 @@ def check_input_file(path: Path, label: str) -> None:
 
 
 order_commands()
+use_plain_help(app)
 
 
 def main() -> None:
@@ -362,7 +375,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.showwarning = _one_line_warning
     try:
-        app()
+        app(prog_name="detkit")
     except DetkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -18,6 +18,9 @@ log = logging.getLogger("detkit")
 
 STRICT_HELP = ("any label problem (bad box, unknown class, malformed line, missing label file, "
                "missing or unreadable image) is an error; default: one warning, bad parts left out")
+PRECISION_HELP = ("fp32, bf16 or auto: bf16 on a CPU with bf16 instructions (avx512_bf16, AMX) "
+                  "where the network passes the bf16 guard, else fp32 (CUDA: fp32); fp32 gives "
+                  "darknet's exact scores")
 TILE_HELP = ("detect in overlapping windows of this many pixels of each image, merged (for aerial "
              "photos far larger than the network input, with a model trained on such tiles); "
              "--max-det then counts per window")
@@ -158,7 +161,8 @@ def train(
     gpus: int = typer.Option(1, "--gpus", help="processes, one per GPU (runs torchrun for you)"),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes (CUDA)"),
 ) -> None:
-    """Train a detector; writes last.pt, best.pt (by mAP@0.5), last.weights and metrics.csv."""
+    """Train a detector; writes last.pt, best.pt (by mAP@0.5), last.weights, best.weights,
+    metrics.csv, iterations.csv and charts (results.png, confusion_matrix.png, labels.jpg ...)."""
     from .engine.slicing import check_tiling
     from .engine.train import Trainer, TrainOptions
 
@@ -183,10 +187,19 @@ def train(
         eval_tile=eval_tile,
         checkpoint_interval=checkpoint_interval, workers=workers, amp=amp, ema=ema, ema_warmup=ema_warmup,
         augment=not no_augment, seed=seed, quiet=quiet, names=list(names or []), sync_bn=sync_bn,
-        exist_ok=exist_ok, data=str(data.resolve()), val_data=None if val is None else str(val.resolve()))
+        exist_ok=exist_ok, data=str(data.resolve()), val_data=None if val is None else str(val.resolve()),
+        on_evaluate=print_evaluation)
     result = Trainer(options).train()
     typer.echo(f"done: {result.iterations} iterations; mAP@0.5 last {result.last_map:.4f}, "
                f"best {result.best_map:.4f}; run folder {run_dir}")
+
+
+def print_evaluation(report) -> None:
+    """One line per evaluation on stdout, --quiet or not (--quiet only hides the progress bar):
+    through tqdm.write, so a progress bar on stderr is redrawn below the line, not torn."""
+    from tqdm import tqdm
+
+    tqdm.write(report.line())
 
 
 def evaluate(
@@ -208,13 +221,15 @@ def evaluate(
     tile: Optional[int] = typer.Option(None, "--tile", help=TILE_HELP),
     tile_overlap: float = typer.Option(0.25, "--tile-overlap", help=TILE_OVERLAP_HELP),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="the fast inference path (as detect)"),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write COCO-format detections"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the precision-recall curves (PNG)"),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
-    """mAP: Pascal VOC (2007 11-point and area under the curve) and COCO (pycocotools)."""
+    """Per class and for all: images, instances, precision and recall at the best F1, AP at --iou
+    (area under the curve, and VOC2007 11-point), AP50-95; then COCO's 12 figures (pycocotools)."""
     from .engine.checkpoint import load_model
-    from .engine.evaluate import coco_json, evaluate_coco, evaluate_voc
+    from .engine.evaluate import coco_json, evaluate_coco, evaluate_detections, format_report
     from .engine.train import predict_samples
 
     if not 0.0 < iou < 1.0:
@@ -230,22 +245,20 @@ def evaluate(
     if fast:
         from .fast import optimize_for_inference
 
-        model = optimize_for_inference(model, device)
+        model = optimize_for_inference(model, device, precision=precision)
+    elif precision == "bf16":
+        raise DetkitError("--precision bf16 runs on the fast path: drop --no-fast")
     detections, truths = predict_samples(model, items, device, batch=batch, conf_thresh=conf, nms_thresh=nms,
                                          max_det=max_det, tta=tta, tile=tile,
                                          tile_overlap=tile_overlap)
-    voc = evaluate_voc(detections, truths, iou_thresh=iou)
-    voc07 = evaluate_voc(detections, truths, iou_thresh=iou, use_07_metric=True)
+    report = evaluate_detections(detections, truths, iou_thresh=iou)
+    voc = report.voc
     coco = evaluate_coco(detections, truths, model.num_classes)
     typer.echo(f"{len(items)} images, {sum(len(t.classes) for t in truths)} boxes, "
                f"{sum(len(d.scores) for d in detections)} detections (conf {conf}, nms {nms}"
                f"{', tta' if tta else ''})")
-    ap_name = f"AP{round(iou * 100):d}"
-    typer.echo(f"{'class':20s} {ap_name + ' (AUC)':>10s} {ap_name + ' (VOC07)':>12s}")
-    for cls, ap in voc.ap.items():
-        name = names[cls] if cls < len(names) else str(cls)
-        typer.echo(f"{name:20s} {ap:10.4f} {voc07.ap[cls]:12.4f}")
-    typer.echo(f"{'mAP@' + format(iou, 'g'):20s} {voc.map:10.4f} {voc07.map:12.4f}")
+    for line in format_report(report, list(names) if names else None):
+        typer.echo(line)
     typer.echo("COCO: " + "  ".join(f"{k} {v:.4f}" for k, v in coco.items()))
     if json_out is not None:
         json_out.write_text(json.dumps(coco_json(detections, list(range(1, len(items) + 1)))))

@@ -74,12 +74,15 @@ def test_cli_benchmark_json(tmp_path):
     cfg.write_text(MINI_YOLO)
     out = tmp_path / "b.json"
     run = CliRunner().invoke(app, ["benchmark", str(cfg), "--batch", "1,2", "--device", "cpu",
-                                   "--warmup", "1", "--iters", "2", "--json", str(out)])
+                                   "--warmup", "1", "--iters", "2", "--json", str(out),
+                                   "--precision", "fp32"])
     assert run.exit_code == 0, run.output
     assert "Total BFLOPs" in run.output and "images/s" in run.output
+    assert "precision fp32; OpenMP wait policy " in run.output
     data = json.loads(out.read_text())
     bench = data["benchmark"]
-    assert bench["dtype"] == "float32" and bench["fast"] is True
+    assert bench["dtype"] == "float32" and bench["fast"] is True and bench["precision"] == "fp32"
+    assert bench["openmp_wait_policy"]
     assert [r["batch"] for r in bench["results"]] == [1, 2]
     assert set(bench["results"][0]["model"]) >= {"latency_ms_p50", "latency_ms_p90",
                                                   "latency_ms_p99", "images_per_s"}

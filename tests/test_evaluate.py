@@ -14,7 +14,9 @@ from detkit.engine.evaluate import (
     coco_ground_truth,
     coco_json,
     evaluate_coco,
+    evaluate_detections,
     evaluate_voc,
+    format_report,
     voc_ap,
 )
 
@@ -74,11 +76,66 @@ def test_voc_ap_curve_functions():
     assert voc_ap(np.array([0.5]), np.array([1.0]), use_07_metric=True) == pytest.approx(6 / 11)
 
 
-def test_coco_metrics_equal_pycocotools():
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+def hand_made_case():
+    """Class 0: 3 truths in 2 images; ranked TP (IoU 1), FP, TP at IoU 0.73 (a hit at IoU
+    0.50..0.70, a miss at 0.75..0.95), one truth never found. Class 1: one truth; a TP and an FP
+    of equal score, then a hit on a difficult truth (ignored)."""
+    a = truth([[0, 0, 10, 10, 0], [20, 20, 30, 30, 0], [70, 70, 80, 80, 1]], [False, False, True])
+    b = truth([[0, 0, 10, 10, 0], [40, 40, 60, 60, 1]])
+    detections = [dets([[0, 0, 10, 10, 0.9, 0], [50, 50, 60, 60, 0.8, 0], [70, 70, 80, 80, 0.5, 1]]),
+                  dets([[0, 0, 10, 7.3, 0.7, 0], [40, 40, 60, 60, 0.6, 1], [0, 50, 10, 60, 0.6, 1]])]
+    return detections, [a, b]
 
-    rng = np.random.default_rng(0)
+
+def test_per_class_p_r_ap50_and_ap50_95_hand_computed():
+    detections, truths = hand_made_case()
+    report = evaluate_detections(detections, truths)
+    c0, c1, overall = report.classes[0], report.classes[1], report.overall
+    # class 0: precision 1, 1/2, 2/3 at recall 1/3, 1/3, 2/3; F1 .5, .4, 2/3 -> the third (score .7)
+    assert (c0.images, c0.instances) == (2, 3)
+    assert (c0.precision, c0.recall, c0.score) == pytest.approx((2 / 3, 2 / 3, 0.7))
+    assert c0.ap == pytest.approx(1 / 3 + 1 / 3 * 2 / 3)       # 5/9 at IoU 0.50..0.70
+    assert c0.ap07 == pytest.approx((4 * 1 + 3 * 2 / 3) / 11)
+    assert c0.ap50_95 == pytest.approx((5 * 5 / 9 + 5 * 1 / 3) / 10)  # 1/3 at IoU 0.75..0.95
+    # class 1: the tie at .6 cannot be split by a threshold, so F1 is 2/3 (P .5, R 1), not 1
+    assert (c1.images, c1.instances) == (1, 1)                 # the difficult box is not counted
+    assert (c1.precision, c1.recall, c1.score) == pytest.approx((0.5, 1.0, 0.6))
+    assert (c1.ap, c1.ap07, c1.ap50_95) == pytest.approx((1.0, 1.0, 1.0))
+    # all: class means, images and instances in total
+    assert (overall.images, overall.instances) == (2, 4)
+    assert (overall.precision, overall.recall) == pytest.approx((7 / 12, 5 / 6))
+    assert (overall.ap, overall.ap07, overall.ap50_95) == pytest.approx((7 / 9, 17 / 22, 13 / 18))
+    # the same curves and AP as evaluate_voc, which the plots and the training loop use
+    voc = evaluate_voc(detections, truths)
+    assert report.voc.ap == pytest.approx(voc.ap)
+    assert all((report.voc.precision[c] == voc.precision[c]).all() for c in voc.ap)
+
+
+def test_eval_table_layout():
+    detections, truths = hand_made_case()
+    lines = format_report(evaluate_detections(detections, truths), ["cat", "dog"])
+    assert lines[0].startswith("P, R: at the score of each class's best F1 (IoU 0.5)")
+    assert lines[1].split() == ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95", "VOC07"]
+    assert lines[2].split() == ["all", "2", "4", "0.5833", "0.8333", "0.7778", "0.7222", "0.7727"]
+    assert lines[3].split() == ["cat", "2", "3", "0.6667", "0.6667", "0.5556", "0.4444", "0.5455"]
+    assert lines[4].split() == ["dog", "1", "1", "0.5000", "1.0000", "1.0000", "1.0000", "1.0000"]
+    assert lines[5].split() == ["mAP@0.5", "0.7778", "AP50", "(AUC)", "0.7727", "AP50", "(VOC07)"]
+    loose = format_report(evaluate_detections(detections, truths, iou_thresh=0.4))
+    assert loose[1].split()[5] == "mAP40" and loose[-1].startswith("mAP@0.4 ")
+    assert "AP40 (AUC)" in loose[-1]  # tests/test_trees.py and bench/ read this line
+
+
+def test_ap50_95_close_to_pycocotools():
+    """detkit's AP50-95 (VOC matching, area under the envelope) and pycocotools' AP (its own
+    matching, 101-point precision) are different estimators of the same thing: within 0.01 here
+    (the real-model case is in test_eval_cli_fast_path_scores_like_the_eager_model)."""
+    detections, truths = random_case()
+    ours = evaluate_detections(detections, truths).overall.ap50_95
+    assert ours == pytest.approx(evaluate_coco(detections, truths, num_classes=3)["AP"], abs=0.01)
+
+
+def random_case(seed: int = 0):
+    rng = np.random.default_rng(seed)
     truths, detections = [], []
     for _ in range(6):
         xy = rng.uniform(0, 60, (5, 2))
@@ -89,6 +146,14 @@ def test_coco_metrics_equal_pycocotools():
         boxes = np.concatenate([jitter, extra])
         detections.append(ImageDetections(boxes, rng.uniform(0.05, 1, 8),
                                           np.concatenate([gt[:, 4], rng.integers(0, 3, 3)]).astype(int)))
+    return detections, truths
+
+
+def test_coco_metrics_equal_pycocotools():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    detections, truths = random_case()
     ours = evaluate_coco(detections, truths, num_classes=3)
     ids = list(range(1, 7))
     gt = COCO()
@@ -140,8 +205,16 @@ def test_eval_cli_fast_path_scores_like_the_eager_model(tiny_weights, tmp_path):
                               "--device", "cpu", *extra], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-2000:]
         assert "COCO: AP " in run.stdout
-        table = {name: float(value) for name, value in re.findall(r"^(\S+)\s+([0-9.]+)\s+[0-9.]+$", run.stdout, re.M)}
+        assert re.search(r"^Class\s+Images\s+Instances\s+P\s+R\s+mAP50\s+mAP50-95\s+VOC07$", run.stdout, re.M)
+        row = r"^(\S+)\s+\d+\s+\d+\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)\s+([0-9.]+)\s+[0-9.]+$"
+        rows = {name: (float(ap50), float(ap50_95)) for name, ap50, ap50_95 in re.findall(row, run.stdout, re.M)}
+        table = {name: ap50 for name, (ap50, _) in rows.items()}  # per class and `all`
+        table["mAP@0.5"] = float(re.search(r"^mAP@0.5\s+([0-9.]+) AP50 \(AUC\)", run.stdout, re.M).group(1))
         table["detections"] = int(re.search(r"(\d+) detections", run.stdout).group(1))
+        # detkit's own AP50-95 (VOC matching, area under the envelope) against pycocotools' AP
+        coco_ap = float(re.search(r"^COCO: AP ([0-9.]+)", run.stdout, re.M).group(1))
+        assert rows["all"][1] == pytest.approx(coco_ap, abs=0.01), (rows["all"], coco_ap)
+        assert table["all"] == pytest.approx(table["mAP@0.5"], abs=1e-4)
         return table
 
     fast, eager = evaluate(), evaluate("--no-fast")

@@ -164,12 +164,18 @@ class CocoJsonWriter:
         atomic_write_text(self.path, json.dumps(self.records), "--save-json")
 
 
-def yolo_label_lines(detections: list[Detection], img_w: int, img_h: int) -> str:
-    """darknet/YOLO label text, one `cls cx cy w h score` line per box, normalised to the image."""
+def yolo_label_lines(detections: list[Detection], img_w: int, img_h: int,
+                     save_conf: bool = False) -> str:
+    """YOLO label text, one `cls cx cy w h` line per box, normalised to the image.
+
+    Five columns, as ultralytics' --save-txt, so the files read back as training labels;
+    `save_conf` appends the score as a sixth column (ultralytics' --save-conf).
+    """
     lines = []
     for det in detections:
         x1, y1, x2, y2 = det.box
         cx, cy = (x1 + x2) / 2 / img_w, (y1 + y2) / 2 / img_h
         w, h = (x2 - x1) / img_w, (y2 - y1) / img_h
-        lines.append(f"{det.class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {det.score:.5f}\n")
+        score = f" {det.score:.5f}" if save_conf else ""
+        lines.append(f"{det.class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}{score}\n")
     return "".join(lines)

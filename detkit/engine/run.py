@@ -21,7 +21,15 @@ from .outputs import CocoJsonWriter, UniqueNames, image_id_for, yolo_label_lines
 from .pipeline import Frame, FrameResult, Pipeline, PipelineStats
 from .predict import Detector
 from .sources import Source, read_image, release_sources, warn_unreadable_image
-from .video import VideoFrames, VideoSink, open_source_capture, output_stem, video_info
+from .video import (
+    CODEC_NAMES,
+    VideoFrames,
+    VideoSink,
+    codec_name,
+    open_source_capture,
+    output_stem,
+    video_info,
+)
 
 IMAGE_OUT_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -33,9 +41,10 @@ class DetectSettings:
     out_dir: Path
     save_json: Path | None = None
     save_txt: bool = False
+    save_conf: bool = False  # a score column in the label files
     batch: int = 1
     show: bool = False
-    progress: bool = True  # tqdm bar for videos
+    progress: bool = True  # tqdm bar for videos (on a terminal only)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class DetectSummary:
     skipped_frames: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     videos: list[Path] = field(default_factory=list)
+    video_fourccs: list[str] = field(default_factory=list)  # codecs the videos were written in
     json_path: Path | None = None
     labels_dir: Path | None = None
     interrupted: bool = False
@@ -92,11 +102,22 @@ def format_summary(summary: DetectSummary, device: str = "", batch: int = 1) -> 
     if summary.interrupted:
         lines.insert(0, "interrupted: outputs so far are saved")
     lines.append(f"results saved to {summary.out_dir}")
+    if summary.video_fourccs:
+        lines.append(video_codec_line(summary.video_fourccs))
     if summary.labels_dir is not None:
         lines.append(f"labels saved to {summary.labels_dir}")
     if summary.json_path is not None:
         lines.append(f"COCO JSON saved to {summary.json_path}")
     return lines
+
+
+def video_codec_line(fourccs: list[str]) -> str:
+    """Which codec the annotated videos are in, once per run; without H.264, why browsers may
+    not play them."""
+    line = "videos written as " + ", ".join(codec_name(f) for f in fourccs)
+    if not any(CODEC_NAMES.get(f) == "H.264" for f in fourccs):
+        line += " (this OpenCV build has no H.264 encoder: some browsers will not play them)"
+    return line
 
 
 class DetectRun:
@@ -137,7 +158,8 @@ class DetectRun:
         h, w = result.frame.image.shape[:2]
         path = self.labels_dir / f"{stem}.txt"
         self.names.record(f"labels/{stem}.txt")
-        path.write_text(yolo_label_lines(result.detections, w, h), encoding="utf-8")
+        path.write_text(yolo_label_lines(result.detections, w, h, self.settings.save_conf),
+                        encoding="utf-8")
 
     def _write_image(self, result: FrameResult) -> np.ndarray:
         frame = result.frame
@@ -185,8 +207,9 @@ class DetectRun:
             self._write_labels(result, f"{stem}_{result.frame.frame_index:06d}")
             return image
 
+        # disable=None: tqdm draws only on a terminal, so a log or a pipe gets no \r bar lines
         bar = tqdm(total=info.frame_count or None, desc=name, unit="frame", dynamic_ncols=True,
-                   disable=not self.settings.progress, leave=True)
+                   disable=None if self.settings.progress else True, leave=True)
         try:
             stats = self._pipeline(1).run(frames, write, self._record, bar.update)
         finally:
@@ -196,6 +219,8 @@ class DetectRun:
             self.summary.skipped_frames += frames.unreadable
         if sink.frames:
             self.summary.videos.append(sink.path)
+            if sink.fourcc not in self.summary.video_fourccs:
+                self.summary.video_fourccs.append(sink.fourcc)
         return stats
 
     def run(self, sources: list[Source]) -> DetectSummary:

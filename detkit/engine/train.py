@@ -479,7 +479,9 @@ class Trainer:
         nan_steps = 0
         stop = {"now": False}
         previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
-        bar = tqdm(total=self.schedule.max_batches, initial=self.iteration, disable=self.options.quiet or self.rank,
+        quiet = bool(self.options.quiet or self.rank)
+        bar = tqdm(total=self.schedule.max_batches, initial=self.iteration,
+                   disable=True if quiet else None,   # None: a bar on a terminal only
                    desc="train", unit="it")
         last_map = self.best_map
         failing = True

@@ -1,13 +1,19 @@
-"""Video in and out: frames from a file, camera or stream; an annotated mp4 at the input's size,
-frame rate and frame count."""
+"""Video in and out: frames from a file, camera or stream; an annotated mp4 (H.264 where the
+OpenCV build can write it) at the input's size, frame rate and frame count."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import sys
+import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -19,7 +25,12 @@ from .sources import Source, SourceWarning, open_capture
 
 log = logging.getLogger("detkit")
 
-FOURCC = "mp4v"
+# H.264 first: browsers and most players only play that in an mp4. OpenCV's pip wheels have no
+# H.264 encoder, so mp4v (MPEG-4 Part 2), which every build writes, is the last resort.
+MP4_FOURCCS = ("avc1", "H264", "mp4v")
+MP4_SUFFIXES = (".mp4", ".m4v", ".mov")
+FOURCC = "mp4v"  # what a build without H.264, and any other container, gets
+CODEC_NAMES = {"avc1": "H.264", "H264": "H.264", "mp4v": "MPEG-4 Part 2"}
 DEFAULT_FPS = 25.0
 MAX_FAILED_READS = 25  # consecutive failed reads inside a file before the rest counts as lost
 
@@ -96,11 +107,74 @@ class VideoFrames:
                               SourceWarning, stacklevel=2)
 
 
-class VideoSink:
-    """Annotated mp4 (mp4v) at the input's size and frame rate; opened on the first frame.
+_STDERR_LOCK = threading.Lock()
 
-    `close()` must run in a `finally`: releasing the writer finalises the container, which is
-    what makes the file playable after Ctrl-C.
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a moment: OpenCV and FFmpeg print a screen of errors, below
+    Python, for each codec a build lacks, which would bury detect's own lines."""
+    with _STDERR_LOCK:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
+        try:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def codec_name(fourcc: str) -> str:
+    """'H.264 (avc1)', 'MPEG-4 Part 2 (mp4v)': what a user needs to know of a fourcc."""
+    return f"{CODEC_NAMES.get(fourcc, fourcc)} ({fourcc})"
+
+
+def fourcc_candidates(path: Path) -> tuple[str, ...]:
+    """The fourccs to try for `path`, best first; the last one is used without a trial."""
+    return MP4_FOURCCS if path.suffix.lower() in MP4_SUFFIXES else (FOURCC,)
+
+
+@lru_cache(maxsize=64)
+def fourcc_writes(fourcc: str, size: tuple[int, int], suffix: str = ".mp4") -> bool:
+    """True if this OpenCV build encodes `fourcc` at `size`: one black frame written to a
+    temporary file and read back. isOpened() alone is not proof (an encoder can open and then
+    write nothing), and some encoders refuse odd sizes, hence the size in the cache key."""
+    with tempfile.TemporaryDirectory(prefix="detkit-codec-") as folder, quiet_stderr():
+        path = str(Path(folder) / f"probe{suffix}")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), DEFAULT_FPS, size)
+        if not writer.isOpened():
+            return False
+        writer.write(np.zeros((size[1], size[0], 3), np.uint8))
+        writer.release()
+        cap = cv2.VideoCapture(path)
+        ok = cap.isOpened() and cap.read()[0]
+        cap.release()
+        return bool(ok)
+
+
+def choose_fourcc(path: Path, size: tuple[int, int]) -> str:
+    """The first of fourcc_candidates(path) this build writes at `size` (H.264 where it can)."""
+    candidates = fourcc_candidates(path)
+    for fourcc in candidates[:-1]:
+        if fourcc_writes(fourcc, tuple(size), path.suffix.lower()):
+            return fourcc
+    return candidates[-1]
+
+
+class VideoSink:
+    """Annotated video at the input's size and frame rate; opened on the first frame.
+
+    An mp4 is H.264 where the OpenCV build has an encoder, else mp4v; `fourcc` says which (the
+    codec is chosen when the size is known, so the CLI can say it once). `close()` must run in a
+    `finally`: releasing the writer finalises the container, which is what makes the file
+    playable after Ctrl-C.
     """
 
     def __init__(self, path: Path, info: VideoInfo) -> None:
@@ -109,14 +183,18 @@ class VideoSink:
         self.frames = 0
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
+        known = info.width > 0 and info.height > 0
+        self.fourcc: str | None = choose_fourcc(path, (info.width, info.height)) if known else None
 
     def _open(self, image: np.ndarray) -> None:
         h, w = image.shape[:2]
         self._size = (self.info.width or w, self.info.height or h)
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*FOURCC), self.info.fps,
-                                 self._size)
+        self.fourcc = self.fourcc or choose_fourcc(self.path, self._size)
+        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc),
+                                 self.info.fps, self._size)
         if not writer.isOpened():
-            raise DetkitError(f"cannot write video {self.path} (OpenCV VideoWriter, {FOURCC})")
+            raise DetkitError(f"cannot write video {self.path} (OpenCV VideoWriter, "
+                              f"{self.fourcc})")
         self._writer = writer
 
     def write(self, image: np.ndarray) -> None:
