@@ -91,6 +91,17 @@ def test_auto_falls_back_to_fp32_when_the_guard_fails(monkeypatch, caplog):
     assert "running in float32" in caplog.text
 
 
+def test_auto_keeps_ssd_heads_in_fp32(monkeypatch):
+    monkeypatch.setattr(fast, "resolve_precision", lambda precision, device: (
+        ("float32", "fp32") if precision == "fp32" else ("bfloat16", f"{precision} (test)")))
+    monkeypatch.setattr(fast, "_onednn_bf16_works", lambda: True)
+    ssd = model_from_cfg(REPO / "cfg" / "ssd-tiny-trees.cfg").eval()
+    copy = fast.optimize_for_inference(ssd, "cpu", precision="auto", winograd=False)
+    assert copy.fast_options.dtype == "float32" and copy.fast_options.precision_note == fast.SSD_AUTO_NOTE
+    forced = fast.optimize_for_inference(ssd, "cpu", precision="bf16", winograd=False)
+    assert forced.fast_options.dtype == "bfloat16"
+
+
 def _photos() -> list[Path]:
     photos = [DARKNET_DATA / f"{name}.jpg" for name in PHOTOS]
     missing = [p for p in photos if not p.exists()]

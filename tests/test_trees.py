@@ -88,9 +88,16 @@ def test_finetune_on_trees_raises_validation_map(run, trees, tiny_weights, tmp_p
 
     # `detkit eval` on best.pt reports the mAP the trainer kept it for, and writes its outputs.
     report = detkit("eval", "--cfg", str(cfg), "--weights", str(out / "best.pt"), "--data", str(trees),
-                    "--json", str(tmp_path / "dets.json"), "--plot", str(tmp_path / "pr.png"), cwd=tmp_path)
+                    "--json", str(tmp_path / "dets.json"), "--plot", str(tmp_path / "pr.png"),
+                    "--precision", "fp32", cwd=tmp_path)
     printed = float(re.search(r"^mAP@0.5\s+([0-9.]+)", report, re.M).group(1))
     assert printed == pytest.approx(best, abs=2e-3), report  # eval runs the fast path
+    # issue 21's accuracy guard: bf16 (where auto picks it: not for SSD heads) keeps the AP50
+    in_bf16 = detkit("eval", "--cfg", str(cfg), "--weights", str(out / "best.pt"), "--data", str(trees),
+                     "--precision", "bf16", cwd=tmp_path)
+    bf16_map = float(re.search(r"^mAP@0.5\s+([0-9.]+)", in_bf16, re.M).group(1))
+    if "ssd" not in name:
+        assert bf16_map == pytest.approx(printed, abs=0.005), (printed, bf16_map)
     assert "COCO: AP " in report and (tmp_path / "pr.png").stat().st_size > 0
     assert (tmp_path / "dets.json").read_text().startswith("[")
     # --iou 0.4 (the NEON tree-crown benchmark's threshold) counts the loosely placed crowns too
