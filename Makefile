@@ -9,7 +9,7 @@ TINY_MD5 := 3bcd6b390912c18924b46b26a9e7ff53
 DARKNET_DATA := /usr/share/darknet/data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install assets darknet demo test test-fast lint clean-assets trees gpu-check gpu-check-assets
+.PHONY: install assets darknet demo photos test test-fast lint clean-assets trees gpu-check gpu-check-assets
 
 install: $(VENV)/.installed
 
@@ -58,9 +58,29 @@ trees: data/trees/trees.data
 data/trees/trees.data: assets/deepforest/OSBS_029.xml detkit/data/trees.py | install
 	$(PY) -m detkit.data.trees assets/deepforest data/trees
 
-demo: install assets darknet
-	$(VENV)/bin/detkit detect $(DARKNET_DATA)/dog.jpg $(DARKNET_DATA)/horses.jpg $(DARKNET_DATA)/person.jpg \
-	  $(DARKNET_DATA)/eagle.jpg $(DARKNET_DATA)/giraffe.jpg $(DARKNET_DATA)/kite.jpg --out runs/demo/photos
+# darknet's sample photos (the ones `darknet detect` is shown with) from the Debian package
+# darknet, downloaded and unpacked (apt-get download, dpkg-deb -x), never installed: no root
+# needed where apt's package lists are present (else `apt-get update` first, with sudo); md5
+# of each photo checked. The reference darknet itself (`make darknet`) is for `make test` only.
+PHOTOS_MD5 := 0efe2b8fa0609cf67d33ad9ed8112e66 dog.jpg 5aed3c9bd2754c34d870ba0fe5d924b2 horses.jpg \
+  9cd71ee8cd7788f143ec28a184bd4794 person.jpg 1915b52cadf9a8fdba8ec5535c42c0a2 eagle.jpg \
+  ebc4ffadb173aa8c539e1566d50c6ef4 giraffe.jpg 50281d88bd2686c32ef0f4c106ab4ab6 kite.jpg
+PHOTOS := $(addprefix assets/photos/,dog.jpg horses.jpg person.jpg eagle.jpg giraffe.jpg kite.jpg)
+
+photos: assets/photos/.md5-ok
+
+assets/photos/.md5-ok:
+	mkdir -p $(DL)/darknet-deb assets/photos
+	cd $(DL) && rm -f darknet_*.deb && { apt-get download -qq darknet 2>/dev/null || \
+	  { $(SUDO) apt-get update -qq && apt-get download -qq darknet; }; }
+	dpkg-deb -x $(DL)/darknet_*.deb $(DL)/darknet-deb
+	cp $(addprefix $(DL)/darknet-deb/usr/share/darknet/data/,$(notdir $(PHOTOS))) assets/photos/
+	cd assets/photos && printf '%s  %s\n' $(PHOTOS_MD5) | md5sum -c --quiet
+	rm -rf $(DL)/darknet-deb
+	touch $@
+
+demo: install assets photos
+	$(VENV)/bin/detkit detect $(PHOTOS) --out runs/demo/photos
 	$(VENV)/bin/detkit detect assets/video/bikes.mp4 --out runs/demo/video
 	@echo "annotated photos: runs/demo/photos   annotated video: runs/demo/video"
 
@@ -76,7 +96,7 @@ lint: install
 clean-assets:
 	rm -rf assets weights
 
-# detkit vs OpenCV DNN 4.x (own venv), the reference darknet and onnxruntime, one run side by
+# detkit vs OpenCV DNN 4.x and OpenVINO (own venvs), the reference darknet and onnxruntime, one run side by
 # side (bench/peers.py); tables in bench/results/. Pins 2 threads for every peer.
 .PHONY: bench-peers
 OPENCV_VENV := bench/.venv-opencv
@@ -88,8 +108,18 @@ $(OPENCV_VENV)/.installed:
 	$(OPENCV_VENV)/bin/python -m pip install -q "opencv-python-headless<5" numpy
 	touch $@
 
-bench-peers: install darknet weights/yolov3-tiny.weights $(OPENCV_VENV)/.installed
+# OpenVINO (its default precision and f32) on detkit's ONNX export, in its own venv (no torch).
+OPENVINO_VENV := bench/.venv-openvino
+$(OPENVINO_VENV)/.installed:
+	test -x $(OPENVINO_VENV)/bin/python || python3 -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPENVINO_VENV)/bin/python -m pip install -q "openvino==2026.4.1" numpy
+	touch $@
+
+bench-peers: install darknet weights/yolov3-tiny.weights $(OPENCV_VENV)/.installed $(OPENVINO_VENV)/.installed
 	$(PY) bench/peers.py --threads $(BENCH_THREADS)
+	$(PY) bench/peers.py --threads $(BENCH_THREADS) --batch 8 --rounds 6 \
+	  --peers detkit-auto,detkit-fast,detkit-bf16,detkit-ort,openvino,openvino-f32
 
 # The CUDA test set and the GPU timings in one run (bench/gpu_check.py), figures to
 # bench/results/gpu-<device>.json. Without CUDA: one line, exit 0. The GPU machine's python3 has
