@@ -227,7 +227,7 @@ def yolo_loss(head: YoloLike, raw: Tensor, targets: Tensor | None,
     xy and wh by one part "box" = sum of 1 - (G/D/C)IoU of the decoded box with its truth, in
     input pixels, differentiated by autograd (AlexeyAB applies its hand-written IoU gradient to the
     logits without the sigmoid, grid and anchor factors, so its box gradient is larger for the
-    same iou_normalizer; see the README); iou_normalizer scales the box terms,
+    same iou_normalizer; see docs/cfg.md); iou_normalizer scales the box terms,
     obj_normalizer obj and noobj, cls_normalizer cls. max_delta is not implemented (the cfg layer
     warns about it as unused).
     """
