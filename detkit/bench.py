@@ -361,8 +361,8 @@ def run_benchmark(model: Model, cfg: str, size: tuple[int, int], batches: Sequen
     """Time `model` (eval, any weights) per batch size, alone and end to end; see module doc."""
     from tqdm import tqdm
 
-    from . import openmp_wait_policy
     from .engine.letterbox import default_letterbox
+    from .openmp import openmp_wait_policy
 
     if warmup < 0 or iters < 1 or not batches or min(batches) < 1:
         raise DetkitError("need --warmup >= 0, --iters >= 1 and batch sizes >= 1")

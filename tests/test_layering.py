@@ -18,7 +18,7 @@ PACKAGE = REPO / "detkit"
 # within a rank the no-cycle test keeps the order one-way.
 RANKS = [
     {"detkit.errors", "detkit.boxes", "detkit.native", "detkit.registry", "detkit.atomic",
-     "detkit.memory"},
+     "detkit.memory", "detkit.openmp"},
     {"detkit.cfg"},
     {"detkit.layers"},
     {"detkit.heads"},

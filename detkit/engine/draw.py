@@ -8,7 +8,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from .predict import Detection
+from .detection import Detection
 
 # darknet image.c: colors[6][3] and get_color(c, x, max), RGB in [0, 1].
 _DARKNET_COLORS = ((1, 0, 1), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 1, 0), (1, 0, 0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from ..errors import DetkitError, WeightsError
 from ..memory import check_fits
 from .checkpoint import load_model
+from .detection import Detection
 from .letterbox import correct_boxes, default_letterbox, letterbox_batch
 from .slicing import check_tiling, predict_sliced
 from .sources import ImageInput, as_bgr, read_image_or_raise
@@ -29,26 +29,6 @@ DEFAULT_WEIGHTS = "weights/yolov3-tiny.weights"
 # 90: torchvision's COCO SSD (cfg/ssd300-coco.cfg), class c = COCO category id c + 1, so the
 # file is torchvision's COCO_V1 categories without '__background__' ('N/A' for unused ids).
 NAMES_BY_CLASSES = {80: "data/coco.names", 20: "data/voc.names", 90: "data/coco91.names"}
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One detected object in original-image pixels."""
-
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2
-    score: float
-    class_id: int
-    class_name: str
-
-    @property
-    def xywh(self) -> tuple[float, float, float, float]:
-        """Top-left corner, width and height (COCO's bbox)."""
-        x1, y1, x2, y2 = self.box
-        return (x1, y1, x2 - x1, y2 - y1)
-
-    def to_dict(self) -> dict:
-        return {"box": list(self.box), "score": self.score, "class_id": self.class_id,
-                "class_name": self.class_name}
 
 
 def detkit_home() -> Path:
