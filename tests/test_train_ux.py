@@ -71,15 +71,15 @@ def image(path: Path) -> np.ndarray:
 # -- 1. a run that is all warm-up says so ----------------------------------------------------------
 def test_a_run_no_longer_than_burn_in_warns(data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="detkit"):
-        Trainer(options(data, tmp_path / "short", max_batches=2))  # the cfg's burn_in=2
+        Trainer(options(data, tmp_path / "short", max_batches=2)).train()  # the cfg's burn_in=2
     assert "max_batches 2 <= burn_in 2: the whole run is warm-up" in caplog.text
     assert "--burn-in N" in caplog.text
 
 
 def test_a_run_past_burn_in_does_not_warn(data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="detkit"):
-        Trainer(options(data, tmp_path / "normal", max_batches=3))
-        Trainer(options(data, tmp_path / "no-warm-up", max_batches=1, burn_in=0))
+        Trainer(options(data, tmp_path / "normal", max_batches=3)).train()
+        Trainer(options(data, tmp_path / "no-warm-up", max_batches=1, burn_in=0)).train()
     assert "warm-up" not in caplog.text
 
 
