@@ -357,7 +357,8 @@ def _conv_kernel(layer: Convolutional, in_shape: tuple[int, int, int],
     """The fastest safe module for one convolutional layer on the options' device."""
     weight, bias = fold_conv_bn(layer)
     on_cpu = options.device.startswith("cpu")
-    onednn_dtype = options.dtype == "float32" or (options.dtype == "bfloat16" and _onednn_bf16_works())
+    # a CPU bfloat16 dtype already means oneDNN runs bf16 here (_resolve_options checked it)
+    onednn_dtype = options.dtype in ("float32", "bfloat16")
     heavy = layer.flops(in_shape, out_shape)[0] >= WINOGRAD_MIN_GFLOPS * 1e9
     direct = None
     if (on_cpu and onednn_dtype and options.fuse and layer.activation_name in _ONEDNN_ATTRS
