@@ -57,6 +57,8 @@ PEERS = {  # key -> (label, python, worker kind, environment over the pinned thr
     "detkit-fast-spin": ("detkit fast path, OpenMP spinning (ACTIVE, GOMP_SPINCOUNT=10000)",
                          sys.executable, "detkit-fast", SPINNING),
     "detkit-auto": ("detkit default (precision auto)", sys.executable, "detkit-auto", {}),
+    "detkit-auto-spin": ("detkit default, OpenMP spinning briefly (PASSIVE, GOMP_SPINCOUNT=3000)",
+                         sys.executable, "detkit-auto", {"GOMP_SPINCOUNT": "3000"}),
     "detkit-bf16": ("detkit fast path bf16", sys.executable, "detkit-bf16", {}),
     "openvino": ("OpenVINO default precision", str(OPENVINO_PY), "openvino", {}),
     "openvino-f32": ("OpenVINO f32", str(OPENVINO_PY), "openvino-f32", {}),
@@ -65,7 +67,7 @@ PEERS = {  # key -> (label, python, worker kind, environment over the pinned thr
     "opencv": ("OpenCV DNN", str(OPENCV_PY), "opencv", {}),
     "darknet": ("reference darknet", sys.executable, "darknet", {}),
 }
-DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-auto", "detkit-bf16", "detkit-eager",
+DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-auto", "detkit-auto-spin", "detkit-bf16", "detkit-eager",
                "detkit-ort", "openvino", "openvino-f32")   # peers that run any detkit cfg
 ONNX_PEERS = ("openvino", "openvino-f32")
 MODELS = {  # name -> (cfg, weights or None for detkit-only random init, peers)

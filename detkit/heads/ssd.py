@@ -183,9 +183,19 @@ def ssd_scores(logits: torch.Tensor, background: int = 0) -> tuple[torch.Tensor,
     p(background) rounds to 1; their product is p(c).
     """
     foreground = torch.cat([logits[..., :background], logits[..., background + 1:]], -1)
-    lse_all = torch.logsumexp(logits, -1, keepdim=True)
-    lse_fg = torch.logsumexp(foreground, -1, keepdim=True)
+    lse_all = _logsumexp_last(logits)
+    lse_fg = _logsumexp_last(foreground)
     return torch.exp(lse_fg - lse_all), torch.exp(foreground - lse_fg)
+
+
+def _logsumexp_last(t: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis, kept. In an ONNX export it is spelt out (max, then the log
+    of the shifted sum), as torch.logsumexp computes it: OpenVINO 2026.4 infers ONNX's
+    ReduceLogSumExp(axes=[-1], keepdims=1) as a (1, 1, 1) tensor and refuses the SSD export."""
+    if not torch.onnx.is_in_onnx_export():
+        return torch.logsumexp(t, -1, keepdim=True)
+    top = t.amax(-1, keepdim=True)
+    return top + torch.log(torch.exp(t - top).sum(-1, keepdim=True))
 
 
 def ssd_postprocess(preds: torch.Tensor, image_size: tuple[int, int] | None = None,
