@@ -108,18 +108,19 @@ $(OPENCV_VENV)/.installed:
 	$(OPENCV_VENV)/bin/python -m pip install -q "opencv-python-headless<5" numpy
 	touch $@
 
-# OpenVINO (its default precision and f32) on detkit's ONNX export, in its own venv (no torch).
+# OpenVINO (its default precision and f32) and onnxruntime on detkit's ONNX export, in their own
+# venv (no torch, no detkit).
 OPENVINO_VENV := bench/.venv-openvino
-$(OPENVINO_VENV)/.installed:
+$(OPENVINO_VENV)/.installed-ov-ort:
 	test -x $(OPENVINO_VENV)/bin/python || python3 -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/python -m pip install -q --upgrade pip
-	$(OPENVINO_VENV)/bin/python -m pip install -q "openvino==2026.4.1" numpy
+	$(OPENVINO_VENV)/bin/python -m pip install -q "openvino==2026.4.1" "onnxruntime==1.32.0" numpy
 	touch $@
 
-bench-peers: install darknet weights/yolov3-tiny.weights $(OPENCV_VENV)/.installed $(OPENVINO_VENV)/.installed
+bench-peers: install darknet weights/yolov3-tiny.weights $(OPENCV_VENV)/.installed $(OPENVINO_VENV)/.installed-ov-ort
 	$(PY) bench/peers.py --threads $(BENCH_THREADS)
 	$(PY) bench/peers.py --threads $(BENCH_THREADS) --batch 8 --rounds 6 \
-	  --peers detkit-auto,detkit-fast,detkit-bf16,detkit-ort,openvino,openvino-f32
+	  --peers detkit-auto,detkit-fast,detkit-bf16,onnxruntime,openvino,openvino-f32
 
 # The CUDA test set and the GPU timings in one run (bench/gpu_check.py), figures to
 # bench/results/gpu-<device>.json. Without CUDA: one line, exit 0. The GPU machine's python3 has

@@ -111,6 +111,25 @@ class OpenVinoPeer(Peer):
         self.request.infer({0: self.x})
 
 
+class OnnxRuntimePeer(Peer):
+    """detkit's ONNX export run by a plain onnxruntime in its own environment (no torch, no
+    detkit): the session options a user of onnxruntime gets, with `threads` intra-op threads."""
+
+    def __init__(self, onnx: str, x, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(onnx, options,
+                                                    providers=["CPUExecutionProvider"])
+        self.feed = {self.session.get_inputs()[0].name: x}
+        self.info = f"onnxruntime {onnxruntime.__version__} (own venv), {threads} intra-op threads"
+
+    def forward(self) -> None:
+        self.session.run(None, self.feed)
+
+
 class OpenCVPeer(Peer):
     def __init__(self, cfg: str, weights: str | None, x, threads: int) -> None:
         import cv2
@@ -156,6 +175,10 @@ def make_peer(kind: str, cfg: str, weights: str | None, x, threads: int,
         if onnx is None:
             raise SystemExit("the openvino peers need the exported ONNX file (load's onnx)")
         return OpenVinoPeer(onnx, x, threads, f32=kind == "openvino-f32")
+    if kind == "onnxruntime":
+        if onnx is None:
+            raise SystemExit("the onnxruntime peer needs the exported ONNX file (load's onnx)")
+        return OnnxRuntimePeer(onnx, x, threads)
     if kind == "detkit-ort":
         return OrtPeer(cfg, weights, x, threads)
     if kind == "opencv":

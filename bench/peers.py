@@ -62,14 +62,16 @@ PEERS = {  # key -> (label, python, worker kind, environment over the pinned thr
     "detkit-bf16": ("detkit fast path bf16", sys.executable, "detkit-bf16", {}),
     "openvino": ("OpenVINO default precision", str(OPENVINO_PY), "openvino", {}),
     "openvino-f32": ("OpenVINO f32", str(OPENVINO_PY), "openvino-f32", {}),
+    "onnxruntime": ("onnxruntime (own venv)", str(OPENVINO_PY), "onnxruntime", {}),
     "detkit-eager": ("detkit eager fp32", sys.executable, "detkit-eager", {}),
     "detkit-ort": ("detkit ONNX on onnxruntime", sys.executable, "detkit-ort", {}),
     "opencv": ("OpenCV DNN", str(OPENCV_PY), "opencv", {}),
     "darknet": ("reference darknet", sys.executable, "darknet", {}),
 }
-DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-auto", "detkit-auto-spin", "detkit-bf16", "detkit-eager",
-               "detkit-ort", "openvino", "openvino-f32")   # peers that run any detkit cfg
-ONNX_PEERS = ("openvino", "openvino-f32")
+DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-auto", "detkit-auto-spin", "detkit-bf16",
+               "detkit-eager", "detkit-ort", "openvino", "openvino-f32",
+               "onnxruntime")   # peers that run any detkit cfg
+ONNX_PEERS = ("openvino", "openvino-f32", "onnxruntime")   # on detkit's export, bench/.venv-openvino
 MODELS = {  # name -> (cfg, weights or None for detkit-only random init, peers)
     "yolov3-tiny": ("cfg/yolov3-tiny.cfg", "weights/yolov3-tiny.weights", tuple(PEERS)),
     "yolov2-voc": ("cfg/yolov2-voc.cfg", "weights/yolov2-voc.random.weights", tuple(PEERS)),
