@@ -121,6 +121,7 @@ bench-peers: install darknet weights/yolov3-tiny.weights $(OPENCV_VENV)/.install
 	$(PY) bench/peers.py --threads $(BENCH_THREADS)
 	$(PY) bench/peers.py --threads $(BENCH_THREADS) --batch 8 --rounds 6 \
 	  --peers detkit-auto,detkit-fast,detkit-bf16,onnxruntime,openvino,openvino-f32
+	$(PY) bench/peers.py --threads $(BENCH_THREADS) --end-to-end --rounds 6
 
 # The CUDA test set and the GPU timings in one run (bench/gpu_check.py), figures to
 # bench/results/gpu-<device>.json. Without CUDA: one line, exit 0. The GPU machine's python3 has

@@ -2,19 +2,25 @@
 
 Run as `python peer_worker.py KIND THREADS` where KIND is detkit-eager, detkit-fast (fp32),
 detkit-bf16, detkit-auto (detkit's default precision), detkit-ort, openvino (its default
-precision: bf16 on a CPU with bf16 instructions), openvino-f32, opencv or darknet. The opencv
+precision: bf16 on a CPU with bf16 instructions), openvino-f32, onnxruntime, opencv, darknet or
+(end to end only) detkit-detector. The opencv
 peer runs under bench/.venv-opencv's Python (OpenCV 4.x, no torch), the openvino peers under
-bench/.venv-openvino's (OpenVINO, no torch) on the ONNX file detkit exported, the others under
+bench/.venv-openvino's (OpenVINO, onnxruntime, no torch) on the ONNX file detkit exported, the others under
 detkit's. Protocol: one JSON object per line on stdin, one answer per
 line on the original stdout (libraries' own prints are sent to stderr):
 
     {"op": "load", "cfg": ..., "weights": ..., "input": "x.npy", "onnx": ...}
                                                                  -> {"ok": true, "info": ...}
     {"op": "time", "n": 3}                                          -> {"ms": [..., ..., ...]}
+    {"op": "detect"}                     -> {"boxes": [[x1, y1, x2, y2, score, class], ...]}
     {"op": "quit"}
 
 Each timed call is the network's forward pass on the same (1, 3, H, W) float32 RGB input in
 [0, 1], head activations included (detkit also decodes boxes), no pre- or postprocessing.
+With `"mode": "end-to-end"` in load (plus `"image"`: a BGR uint8 photo as .npy, `"size"`: [w, h]
+and `"letterbox"`), a timed call goes from the photo to boxes in its pixels: the NumPy pipeline
+of bench/numpy_pipeline.py around the peer's forward pass, or for detkit-detector detkit's own
+(Detector.predict_arrays). Only detkit's peers and the ONNX peers run end to end.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Peer:
-    """A loaded network with a `forward()` timed by the worker loop."""
+    """A loaded network with a `forward()` timed by the worker loop; `infer(x)` is the same
+    forward pass on any input, its (B, N, 5+C) head output as a NumPy array (end to end)."""
 
     info: str = ""
 
     def forward(self) -> None:
         raise NotImplementedError
+
+    def infer(self, x):
+        raise SystemExit(f"{type(self).__name__} does not run end to end")
 
 
 class DetkitPeer(Peer):
@@ -62,6 +72,28 @@ class DetkitPeer(Peer):
         with self.torch.inference_mode():
             self.model(self.x)
 
+    def infer(self, x):
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(x)).float().numpy()
+
+
+class DetectorPeer(Peer):
+    """detkit.Detector at its defaults (precision auto): its own torch letterbox, forward,
+    decode, NMS and box correction: what `detkit detect` runs per photo."""
+
+    def __init__(self, cfg: str, weights: str | None, threads: int, size) -> None:
+        import torch
+
+        import detkit
+
+        torch.set_num_threads(threads)
+        self.detector = detkit.Detector(cfg, weights, device="cpu", img_size=tuple(size))
+        self.info = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                     f"{self.detector.precision_note}")
+
+    def detect(self, image):
+        return self.detector.predict_arrays([image])[0].numpy()
+
 
 class OrtPeer(Peer):
     """detkit's ONNX export run by onnxruntime (the candidate `--backend onnxruntime`)."""
@@ -85,6 +117,9 @@ class OrtPeer(Peer):
 
     def forward(self) -> None:
         self.session.run(None, self.feed)
+
+    def infer(self, x):
+        return self.session.run(None, {next(iter(self.feed)): x})[0]
 
 
 class OpenVinoPeer(Peer):
@@ -110,6 +145,10 @@ class OpenVinoPeer(Peer):
     def forward(self) -> None:
         self.request.infer({0: self.x})
 
+    def infer(self, x):
+        self.request.infer({0: x})
+        return self.request.get_output_tensor(0).data
+
 
 class OnnxRuntimePeer(Peer):
     """detkit's ONNX export run by a plain onnxruntime in its own environment (no torch, no
@@ -128,6 +167,9 @@ class OnnxRuntimePeer(Peer):
 
     def forward(self) -> None:
         self.session.run(None, self.feed)
+
+    def infer(self, x):
+        return self.session.run(None, {next(iter(self.feed)): x})[0]
 
 
 class OpenCVPeer(Peer):
@@ -188,17 +230,52 @@ def make_peer(kind: str, cfg: str, weights: str | None, x, threads: int,
     raise SystemExit(f"unknown peer kind {kind}")
 
 
-def serve(kind: str, threads: int, reply) -> None:
+class EndToEnd:
+    """A peer timed from the photo to boxes: detkit's Detector, or the NumPy pipeline around
+    the peer's own forward pass."""
+
+    def __init__(self, peer: Peer, image, size, letterbox: bool) -> None:
+        sys.path.insert(0, str(REPO / "bench"))
+        import numpy_pipeline
+
+        self.peer, self.image, self.size, self.letterbox = peer, image, tuple(size), letterbox
+        self.pipeline = numpy_pipeline
+        self.info = peer.info
+
+    def detect(self):
+        if isinstance(self.peer, DetectorPeer):
+            return self.peer.detect(self.image)
+        return self.pipeline.detect(self.peer.infer, self.image, self.size, self.letterbox)
+
+    def forward(self) -> None:
+        self.detect()
+
+
+def load(kind: str, msg: dict, threads: int) -> Peer | EndToEnd:
     import numpy as np
 
-    peer: Peer | None = None
+    x = np.ascontiguousarray(np.load(msg["input"]), dtype=np.float32)
+    if msg.get("mode", "forward") == "forward":
+        if kind == "detkit-detector":
+            raise SystemExit("detkit-detector runs end to end only (load's mode)")
+        return make_peer(kind, msg["cfg"], msg.get("weights"), x, threads, msg.get("onnx"))
+    if kind == "detkit-detector":
+        peer = DetectorPeer(msg["cfg"], msg.get("weights"), threads, msg["size"])
+    elif kind.startswith("detkit-") or kind in ("openvino", "openvino-f32", "onnxruntime"):
+        peer = make_peer(kind, msg["cfg"], msg.get("weights"), x, threads, msg.get("onnx"))
+    else:
+        raise SystemExit(f"{kind} does not run end to end")
+    image = np.ascontiguousarray(np.load(msg["image"]), dtype=np.uint8)
+    return EndToEnd(peer, image, msg["size"], bool(msg["letterbox"]))
+
+
+def serve(kind: str, threads: int, reply) -> None:
+    peer: Peer | EndToEnd | None = None
     for line in sys.stdin:
         msg = json.loads(line)
         try:
             if msg["op"] == "load":
-                x = np.ascontiguousarray(np.load(msg["input"]), dtype=np.float32)
-                peer = make_peer(kind, msg["cfg"], msg.get("weights"), x, threads,
-                                 msg.get("onnx"))
+                peer = load(kind, msg, threads)
                 answer = {"ok": True, "info": peer.info}
             elif msg["op"] == "time":
                 samples = []
@@ -207,6 +284,8 @@ def serve(kind: str, threads: int, reply) -> None:
                     peer.forward()
                     samples.append((time.perf_counter() - start) * 1000.0)
                 answer = {"ms": samples}
+            elif msg["op"] == "detect":
+                answer = {"boxes": [[float(v) for v in row] for row in peer.detect()]}
             elif msg["op"] == "quit":
                 return
             else:

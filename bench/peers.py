@@ -19,6 +19,13 @@ run hits every peer alike. Thread counts are pinned (torch, OpenCV, onnxruntime,
 OMP/MKL/OpenBLAS environment); darknet is single-threaded whatever is asked. The load average
 before and after is recorded: other processes on a shared machine show up there.
 
+End to end (--end-to-end): each timed call goes from the BGR photo to boxes in its pixels,
+conf 0.25 and NMS 0.45 (detect's defaults): detkit's Detector with its own torch pipeline
+(`detkit-detector`), and detkit's and the ONNX peers' forward passes inside one NumPy pipeline
+(bench/numpy_pipeline.py: darknet's letterbox, the candidate rule, per-class NMS, box correction),
+so those differ only in the network's runtime. Each peer's boxes are matched against the
+Detector's (same class, IoU >= 0.9, score within 0.05) and the counts recorded.
+
 Usage: bench/.venv-opencv must exist (`make bench-peers` creates it), then
     .venv/bin/python bench/peers.py [--threads 2] [--rounds 10] [--models yolov3-tiny,...]
 Writes bench/results/peers-latest.md and .json, and appends the run to peers-history.jsonl
@@ -60,6 +67,8 @@ PEERS = {  # key -> (label, python, worker kind, environment over the pinned thr
     "detkit-auto-spin": ("detkit default, OpenMP spinning briefly (PASSIVE, GOMP_SPINCOUNT=3000)",
                          sys.executable, "detkit-auto", {"GOMP_SPINCOUNT": "3000"}),
     "detkit-bf16": ("detkit fast path bf16", sys.executable, "detkit-bf16", {}),
+    "detkit-detector": ("detkit Detector, its own pipeline (precision auto)", sys.executable,
+                        "detkit-detector", {}),
     "openvino": ("OpenVINO default precision", str(OPENVINO_PY), "openvino", {}),
     "openvino-f32": ("OpenVINO f32", str(OPENVINO_PY), "openvino-f32", {}),
     "onnxruntime": ("onnxruntime (own venv)", str(OPENVINO_PY), "onnxruntime", {}),
@@ -69,9 +78,11 @@ PEERS = {  # key -> (label, python, worker kind, environment over the pinned thr
     "darknet": ("reference darknet", sys.executable, "darknet", {}),
 }
 DETKIT_ONLY = ("detkit-fast", "detkit-fast-spin", "detkit-auto", "detkit-auto-spin", "detkit-bf16",
-               "detkit-eager", "detkit-ort", "openvino", "openvino-f32",
+               "detkit-detector", "detkit-eager", "detkit-ort", "openvino", "openvino-f32",
                "onnxruntime")   # peers that run any detkit cfg
 ONNX_PEERS = ("openvino", "openvino-f32", "onnxruntime")   # on detkit's export, bench/.venv-openvino
+END_TO_END_PEERS = ("detkit-detector", "detkit-auto", "detkit-fast", "detkit-bf16", "detkit-ort",
+                    "openvino", "openvino-f32", "onnxruntime")
 MODELS = {  # name -> (cfg, weights or None for detkit-only random init, peers)
     "yolov3-tiny": ("cfg/yolov3-tiny.cfg", "weights/yolov3-tiny.weights", tuple(PEERS)),
     "yolov2-voc": ("cfg/yolov2-voc.cfg", "weights/yolov2-voc.random.weights", tuple(PEERS)),
@@ -121,6 +132,8 @@ class PeerResult:
     info: str = ""
     samples_ms: list[float] = field(default_factory=list)
     error: str | None = None
+    boxes: list[list[float]] | None = None    # end to end: the boxes it found on the photo
+    matched: int | None = None                # end to end: Detector's boxes it found too
 
     @property
     def median(self) -> float | None:
@@ -168,27 +181,60 @@ def iterations_per_round(ms: float, round_ms: float) -> int:
     return max(1, min(5, round(round_ms / max(ms, 1e-3))))
 
 
+def runs_in_mode(key: str, end_to_end: bool) -> bool:
+    """detkit-detector only runs end to end; end to end, only detkit's and the ONNX peers run."""
+    return key in END_TO_END_PEERS if end_to_end else key != "detkit-detector"
+
+
+def save_photo(path: Path) -> None:
+    """darknet's sample photo (synthetic if darknet is not installed), BGR uint8, for the
+    end-to-end peers."""
+    import cv2
+
+    from detkit.bench import synthetic_images
+
+    image = cv2.imread(str(PHOTO)) if PHOTO.is_file() else None
+    np.save(path, image if image is not None else synthetic_images(1)[0])
+
+
+def letterboxes(cfg: str) -> bool:
+    """Whether detect letterboxes this network's input (darknet) or stretches it (SSD)."""
+    import detkit
+    from detkit.engine.letterbox import default_letterbox
+
+    return default_letterbox(detkit.load_model(str(REPO / cfg)))
+
+
 def bench_model(name: str, threads: int, rounds: int, round_ms: float, slow_samples: int,
-                peers: list[str], batch: int = 1) -> dict[str, PeerResult]:
+                peers: list[str], batch: int = 1, end_to_end: bool = False
+                ) -> dict[str, PeerResult]:
     """Load every peer on one network, warm up, then time in interleaved rounds."""
     cfg, weights, allowed = MODELS[name]
     results: dict[str, PeerResult] = {}
     workers: dict[str, Worker] = {}
     with tempfile.TemporaryDirectory() as tmp:
         x_path, onnx_path = Path(tmp) / "x.npy", Path(tmp) / "model.onnx"
+        photo_path = Path(tmp) / "photo.npy"
         size = (416, 416) if "ssd" not in name else (300, 300)
         make_input(size, x_path, batch)
-        chosen = [p for p in peers if p in allowed and (batch == 1 or p != "darknet")]
+        chosen = [p for p in peers if p in allowed and (batch == 1 or p != "darknet")
+                  and runs_in_mode(p, end_to_end)]
         if any(p in ONNX_PEERS for p in chosen):
             export_for_peers(cfg, weights, size, onnx_path)
+        load = {"op": "load", "cfg": str(REPO / cfg), "input": str(x_path),
+                "weights": str(REPO / weights) if weights else None, "onnx": str(onnx_path)}
+        if end_to_end:
+            save_photo(photo_path)
+            load.update(mode="end-to-end", image=str(photo_path), size=list(size),
+                        letterbox=letterboxes(cfg))
         for key in chosen:
             results[key] = PeerResult(key, PEERS[key][0])
             try:
                 worker = Worker(key, threads)
-                results[key].info = worker.ask(op="load", cfg=str(REPO / cfg), input=str(x_path),
-                                               weights=str(REPO / weights) if weights else None,
-                                               onnx=str(onnx_path))["info"]
+                results[key].info = worker.ask(**load)["info"]
                 workers[key] = worker
+                if end_to_end:
+                    results[key].boxes = worker.ask(op="detect")["boxes"]
             except (RuntimeError, OSError) as exc:
                 results[key].error = str(exc)
         try:
@@ -196,7 +242,40 @@ def bench_model(name: str, threads: int, rounds: int, round_ms: float, slow_samp
         finally:
             for worker in workers.values():
                 worker.close()
+    if end_to_end and "detkit-detector" in results:
+        reference = results["detkit-detector"].boxes or []
+        for result in results.values():
+            if result.boxes is not None:
+                result.matched = count_matched(reference, result.boxes)
     return results
+
+
+def count_matched(reference: list[list[float]], boxes: list[list[float]], min_iou: float = 0.9,
+                  max_score_diff: float = 0.05) -> int:
+    """How many reference boxes have a box of the same class with IoU >= min_iou and a score
+    within max_score_diff (each box matched once, best IoU first): the accuracy guard's rule."""
+    unused = list(range(len(boxes)))
+    matched = 0
+    for ref in reference:
+        best, best_iou = None, min_iou
+        for i in unused:
+            box = boxes[i]
+            if int(box[5]) != int(ref[5]) or abs(box[4] - ref[4]) > max_score_diff:
+                continue
+            iou = box_iou(ref[:4], box[:4])
+            if iou >= best_iou:
+                best, best_iou = i, iou
+        if best is not None:
+            unused.remove(best)
+            matched += 1
+    return matched
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    inter = (max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+             * max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _timed_rounds(workers: dict[str, Worker], results: dict[str, PeerResult], rounds: int,
@@ -239,11 +318,17 @@ def machine() -> dict:
             "platform": platform.platform(), **versions}
 
 
+def latest_stem(run: dict) -> str:
+    """peers-latest, peers-latest-batchN for --batch N, peers-latest-e2e end to end."""
+    if run.get("end_to_end"):
+        return "peers-latest-e2e"
+    return "peers-latest" if run.get("batch", 1) == 1 else f"peers-latest-batch{run['batch']}"
+
+
 def write_results(data: dict, results: Path = RESULTS) -> Path:
-    """The run as peers-latest.md/.json (peers-latest-batchN.* for --batch N), and one more line
-    of peers-history.jsonl."""
+    """The run as <latest_stem>.md/.json, and one more line of peers-history.jsonl."""
     results.mkdir(parents=True, exist_ok=True)
-    stem = "peers-latest" if data.get("batch", 1) == 1 else f"peers-latest-batch{data['batch']}"
+    stem = latest_stem(data)
     (results / f"{stem}.json").write_text(json.dumps(data, indent=2))
     (results / f"{stem}.md").write_text(to_markdown(data))
     with open(results / "peers-history.jsonl", "a", encoding="utf-8") as history:
@@ -253,7 +338,8 @@ def write_results(data: dict, results: Path = RESULTS) -> Path:
 
 def to_markdown(data: dict) -> str:
     m = data["machine"]
-    lines = [f"# detkit vs peers, CPU, batch {data.get('batch', 1)} ({data['date']})", "",
+    mode = ", end to end" if data.get("end_to_end") else ""
+    lines = [f"# detkit vs peers, CPU, batch {data.get('batch', 1)}{mode} ({data['date']})", "",
              f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['platform']}",
              f"- threads: {data['threads']} for every peer (torch, OpenCV, onnxruntime, OMP/MKL); "
              "reference darknet is single-threaded",
@@ -261,26 +347,40 @@ def to_markdown(data: dict) -> str:
              f"OpenVINO {m.get('openvino')}, OpenCV {m.get('opencv')}, Python {m['python']}",
              f"- load average (1 min) before/after: {data['load_before']:.2f} / "
              f"{data['load_after']:.2f}{' (shared machine: other processes were running)' if max(data['load_before'], data['load_after']) > 0.5 else ''}",
-             f"- input: darknet's dog.jpg letterboxed to the network size; forward pass only "
-             f"(head activations; detkit also decodes boxes), {data['rounds']} interleaved rounds",
+             f"- input: {INPUT_LINE[bool(data.get('end_to_end'))]}, "
+             f"{data['rounds']} interleaved rounds",
              f"- command: `{data['command']}`", ""]
+    e2e = bool(data.get("end_to_end"))
     for name, peers in data["models"].items():
-        ref_key = "detkit-auto" if peers.get("detkit-auto", {}).get("median_ms") else "detkit-fast"
+        ref_key = next((k for k in ("detkit-detector", "detkit-auto", "detkit-fast")
+                        if peers.get(k, {}).get("median_ms")), "detkit-fast")
         ref = peers.get(ref_key, {}).get("median_ms")
+        extra = " boxes | Detector's boxes found |" if e2e else ""
         lines += [f"## {name} ({MODELS[name][0]}, weights: {MODELS[name][1] or 'detkit init'})", "",
-                  f"| peer | median ms | min ms | samples | x {PEERS[ref_key][0]} | precision |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for p in peers.values():
+                  f"| peer | median ms | min ms | samples | x {PEERS[ref_key][0]} | precision |{extra}",
+                  "|---|---:|---:|---:|---:|---|" + ("---:|---:|" if e2e else "")]
+        for key, p in peers.items():
+            label = p["label"] + (" + NumPy pipeline" if e2e and key != "detkit-detector" else "")
             if p["median_ms"] is None:
-                lines.append(f"| {p['label']} | failed: {p['error']} | | | |")
+                lines.append(f"| {label} | failed: {p['error']} | | | |")
                 continue
             ratio = f"{p['median_ms'] / ref:.2f}" if ref else "-"
-            lines.append(f"| {p['label']} | {p['median_ms']:.1f} | {min(p['samples_ms']):.1f} | "
-                         f"{len(p['samples_ms'])} | {ratio} | {p['info'].rsplit(', ', 1)[-1]} |")
+            found = (f" {p['detections']} | {p['matched']} of {peers[ref_key]['detections']} |"
+                     if e2e and p.get("matched") is not None else "")
+            lines.append(f"| {label} | {p['median_ms']:.1f} | {min(p['samples_ms']):.1f} | "
+                         f"{len(p['samples_ms'])} | {ratio} | {p['info'].rsplit(', ', 1)[-1]} |{found}")
         lines.append("")
     lines.append("`x detkit ...` = peer median / the detkit reference's median (> 1: detkit is "
-                 "faster); the reference is detkit's default (precision auto) when it ran.")
+                 "faster); the reference is detkit's Detector end to end, else detkit's default "
+                 "(precision auto) when it ran.")
     return "\n".join(lines) + "\n"
+
+
+INPUT_LINE = {
+    False: "darknet's dog.jpg letterboxed to the network size; forward pass only (head "
+           "activations; detkit also decodes boxes)",
+    True: "darknet's dog.jpg (768x576 BGR uint8); end to end: letterbox, forward, candidates, "
+          "per-class NMS (conf 0.25, NMS 0.45), boxes in the photo's pixels"}
 
 
 def main() -> None:
@@ -293,10 +393,16 @@ def main() -> None:
                         help="samples of peers slower than 2 s per forward (darknet)")
     parser.add_argument("--models", default="yolov3-tiny,yolov2-voc,yolov3,ssd300")
     parser.add_argument("--batch", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--peers", default=None,
+                        help="comma-separated peer keys (default: all that run in the mode)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time photo -> boxes (decode and NMS included) instead of the forward")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
-    peers = [p for p in args.peers.split(",") if p]
+    if args.end_to_end and args.batch != 1:
+        raise SystemExit("--end-to-end times one photo at a time: leave --batch out")
+    default_peers = END_TO_END_PEERS if args.end_to_end else tuple(PEERS)
+    peers = [p for p in (args.peers or ",".join(default_peers)).split(",") if p]
     if "opencv" in peers and not OPENCV_PY.exists():
         raise SystemExit(f"{OPENCV_PY} missing: run `make bench-peers` (creates the venv)")
     ensure_weights()
@@ -306,6 +412,8 @@ def main() -> None:
             "batch": args.batch,
             "rounds": args.rounds, "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "machine": machine(), "load_before": os.getloadavg()[0], "models": {}}
+    if args.end_to_end:
+        data["end_to_end"] = True
     for name in models:
         if not (REPO / MODELS[name][0]).is_file():
             print(f"{name}: {MODELS[name][0]} not found, skipped", file=sys.stderr)
@@ -313,9 +421,11 @@ def main() -> None:
         print(f"{name} ...", file=sys.stderr, flush=True)
         start = time.time()
         results = bench_model(name, args.threads, args.rounds, args.round_ms, args.slow_samples,
-                              peers, args.batch)
+                              peers, args.batch, args.end_to_end)
         data["models"][name] = {k: {"label": r.label, "info": r.info, "error": r.error,
-                                    "median_ms": r.median, "samples_ms": r.samples_ms}
+                                    "median_ms": r.median, "samples_ms": r.samples_ms,
+                                    **({"detections": None if r.boxes is None else len(r.boxes),
+                                         "matched": r.matched} if args.end_to_end else {})}
                                 for k, r in results.items()}
         print(f"{name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     data["load_after"] = os.getloadavg()[0]
