@@ -112,6 +112,9 @@ def nms_per_class(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
     return np.asarray(keep, dtype=np.int64)
 
 
+MAX_NMS = 30000   # detkit.boxes.MAX_NMS: at most this many best candidates enter NMS
+
+
 def postprocess(preds: np.ndarray, conf_thresh: float, nms_thresh: float, max_det: int
                 ) -> np.ndarray:
     """One image's (N, 5+C) head output (cx, cy, w, h, objectness, p(class)...) in input pixels
@@ -122,6 +125,9 @@ def postprocess(preds: np.ndarray, conf_thresh: float, nms_thresh: float, max_de
     cx, cy, w, h = candidates[row, :4].T
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
     score = scores[row, cls]
+    if len(score) > MAX_NMS:
+        best = np.sort(np.argpartition(-score, MAX_NMS)[:MAX_NMS])
+        boxes, score, cls = boxes[best], score[best], cls[best]
     keep = nms_per_class(boxes, score, cls, nms_thresh)[:max_det]
     return np.concatenate([boxes[keep], score[keep, None], cls[keep, None].astype(boxes.dtype)], 1)
 

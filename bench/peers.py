@@ -89,6 +89,8 @@ MODELS = {  # name -> (cfg, weights or None for detkit-only random init, peers)
     "yolov3": ("cfg/yolov3.cfg", "weights/yolov3.random.weights", tuple(PEERS)),
     "ssd300": ("cfg/ssd300.cfg", None, DETKIT_ONLY),
 }
+ALL_MODELS = "yolov3-tiny,yolov2-voc,yolov3,ssd300"
+E2E_MODELS = "yolov3-tiny"
 RANDOM_WEIGHTS = {"weights/yolov2-voc.random.weights": "cfg/yolov2-voc.cfg",
                   "weights/yolov3.random.weights": "cfg/yolov3.cfg"}
 
@@ -391,14 +393,18 @@ def main() -> None:
                         help="target time of one peer's turn in a round")
     parser.add_argument("--slow-samples", type=int, default=3,
                         help="samples of peers slower than 2 s per forward (darknet)")
-    parser.add_argument("--models", default="yolov3-tiny,yolov2-voc,yolov3,ssd300")
+    parser.add_argument("--models", default=None,
+                        help="default: yolov3-tiny,yolov2-voc,yolov3,ssd300; end to end only "
+                             "yolov3-tiny, the one with trained weights (random weights find "
+                             "thousands of boxes, and NMS would time noise)")
     parser.add_argument("--batch", type=int, default=1, help="images per forward pass")
     parser.add_argument("--peers", default=None,
                         help="comma-separated peer keys (default: all that run in the mode)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time photo -> boxes (decode and NMS included) instead of the forward")
     args = parser.parse_args()
-    models = [m for m in args.models.split(",") if m]
+    models = [m for m in (args.models or (E2E_MODELS if args.end_to_end else ALL_MODELS)).split(",")
+              if m]
     if args.end_to_end and args.batch != 1:
         raise SystemExit("--end-to-end times one photo at a time: leave --batch out")
     default_peers = END_TO_END_PEERS if args.end_to_end else tuple(PEERS)

@@ -37,16 +37,21 @@ def test_letterbox_equals_detkits(shape, net, boxed):
     assert vars(place) == vars(places[0])
 
 
-def test_postprocess_equals_detkits_on_crowded_candidates():
-    """Many overlapping candidates of a few classes: the same boxes, in the same order."""
-    pipeline = load_pipeline()
+def crowded_candidates() -> torch.Tensor:
+    """(1, 600, 9) head output: many overlapping candidates of four classes."""
     gen = torch.Generator().manual_seed(0)
     n, classes = 600, 4
     centres = torch.rand(n, 2, generator=gen) * 200 + 100
     sizes = torch.rand(n, 2, generator=gen) * 80 + 20
     objectness = torch.rand(n, 1, generator=gen)
     probs = torch.rand(n, classes, generator=gen)
-    preds = torch.cat([centres, sizes, objectness, probs], 1)[None]
+    return torch.cat([centres, sizes, objectness, probs], 1)[None]
+
+
+def test_postprocess_equals_detkits_on_crowded_candidates():
+    """The same boxes, in the same order."""
+    pipeline = load_pipeline()
+    preds = crowded_candidates()
     expected = postprocess(preds, 0.25, 0.45, 300)[0]
     got = pipeline.postprocess(preds[0].numpy(), 0.25, 0.45, 300)
     assert len(expected) > 20
@@ -61,6 +66,17 @@ def test_correct_boxes_equals_detkits():
     got = pipeline.correct_boxes(dets.numpy(), pipeline.placement(768, 576, 416, 416, True),
                                  (416, 416))
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-4)
+
+
+def test_postprocess_keeps_detkits_best_candidates_past_the_nms_cap(monkeypatch):
+    """Past MAX_NMS candidates both keep the same best ones (the cap lowered to 50 here)."""
+    pipeline = load_pipeline()
+    monkeypatch.setattr(pipeline, "MAX_NMS", 50)
+    preds = crowded_candidates()
+    expected = postprocess(preds, 0.25, 0.45, 300, max_nms=50)[0]
+    assert len(expected) < len(postprocess(preds, 0.25, 0.45, 300)[0])
+    np.testing.assert_allclose(pipeline.postprocess(preds[0].numpy(), 0.25, 0.45, 300),
+                               expected.numpy(), rtol=0, atol=1e-4)
 
 
 @pytest.mark.reference
