@@ -2,9 +2,9 @@
 
 bench/peers.py --end-to-end times each peer from a BGR uint8 photo to boxes in its pixels. The
 ONNX peers (OpenVINO, onnxruntime) run in a venv without torch, so their pre- and
-post-processing is this module; detkit's forward pass is timed with it too (`detkit-*-numpy`), so
-that those peers differ only in the network's runtime, and with detkit's own torch pipeline
-(`detkit-detector`: Detector.predict_arrays), which is what a detkit user gets.
+post-processing is this module; detkit's forward passes (detkit-auto, -fast, -bf16, -ort) are
+timed inside it too, so that those peers differ only in the network's runtime, and detkit's own
+torch pipeline (`detkit-detector`: Detector.predict_arrays) is timed as what a detkit user gets.
 
 Every step is detkit's, ported: darknet's letterbox (resize_image's taps, 0.5 gray canvas),
 the candidate rule of detkit.boxes.postprocess (objectness > conf, then objectness * p(class) >
@@ -95,20 +95,16 @@ def box_iou_one(box: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 def nms_per_class(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
                   iou_thresh: float) -> np.ndarray:
-    """Indices kept by greedy NMS within each class, best score first (batched_nms's answer)."""
+    """Indices kept by greedy NMS within each class, best score first (batched_nms's answer):
+    one vectorised IoU per kept box; a box of another class is never suppressed."""
     order = np.argsort(-scores, kind="stable")
-    alive = np.ones(len(order), dtype=bool)
     keep = []
-    for i, idx in enumerate(order):
-        if not alive[i]:
-            continue
-        keep.append(idx)
-        rest = order[i + 1:]
-        same = alive[i + 1:] & (classes[rest] == classes[idx])
-        if same.any():
-            overlap = np.zeros(len(rest), dtype=bool)
-            overlap[same] = box_iou_one(boxes[idx], boxes[rest[same]]) > iou_thresh
-            alive[i + 1:] &= ~overlap
+    while len(order):
+        best, order = order[0], order[1:]
+        keep.append(best)
+        suppressed = ((classes[order] == classes[best])
+                      & (box_iou_one(boxes[best], boxes[order]) > iou_thresh))   # NaN: kept
+        order = order[~suppressed]
     return np.asarray(keep, dtype=np.int64)
 
 

@@ -255,29 +255,15 @@ def bench_model(name: str, threads: int, rounds: int, round_ms: float, slow_samp
 def count_matched(reference: list[list[float]], boxes: list[list[float]], min_iou: float = 0.9,
                   max_score_diff: float = 0.05) -> int:
     """How many reference boxes have a box of the same class with IoU >= min_iou and a score
-    within max_score_diff (each box matched once, best IoU first): the accuracy guard's rule."""
-    unused = list(range(len(boxes)))
-    matched = 0
-    for ref in reference:
-        best, best_iou = None, min_iou
-        for i in unused:
-            box = boxes[i]
-            if int(box[5]) != int(ref[5]) or abs(box[4] - ref[4]) > max_score_diff:
-                continue
-            iou = box_iou(ref[:4], box[:4])
-            if iou >= best_iou:
-                best, best_iou = i, iou
-        if best is not None:
-            unused.remove(best)
-            matched += 1
-    return matched
+    within max_score_diff, each box matched once (best IoU first): the accuracy guard's rule."""
+    from detkit.engine.train import match_one_to_one, pairwise_iou
 
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    inter = (max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-             * max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    ref, got = (np.asarray(rows, np.float64).reshape(-1, 6) for rows in (reference, boxes))
+    iou = pairwise_iou(ref[:, :4], got[:, :4])
+    comparable = ((ref[:, None, 5] == got[None, :, 5])
+                  & (np.abs(ref[:, None, 4] - got[None, :, 4]) <= max_score_diff))
+    # match_one_to_one keeps IoU > its threshold; the rule is IoU >= min_iou
+    return len(match_one_to_one(np.where(comparable, iou, 0.0), np.nextafter(min_iou, 0.0)))
 
 
 def _timed_rounds(workers: dict[str, Worker], results: dict[str, PeerResult], rounds: int,
@@ -340,7 +326,8 @@ def write_results(data: dict, results: Path = RESULTS) -> Path:
 
 def to_markdown(data: dict) -> str:
     m = data["machine"]
-    mode = ", end to end" if data.get("end_to_end") else ""
+    e2e = bool(data.get("end_to_end"))
+    mode = ", end to end" if e2e else ""
     lines = [f"# detkit vs peers, CPU, batch {data.get('batch', 1)}{mode} ({data['date']})", "",
              f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['platform']}",
              f"- threads: {data['threads']} for every peer (torch, OpenCV, onnxruntime, OMP/MKL); "
@@ -349,10 +336,9 @@ def to_markdown(data: dict) -> str:
              f"OpenVINO {m.get('openvino')}, OpenCV {m.get('opencv')}, Python {m['python']}",
              f"- load average (1 min) before/after: {data['load_before']:.2f} / "
              f"{data['load_after']:.2f}{' (shared machine: other processes were running)' if max(data['load_before'], data['load_after']) > 0.5 else ''}",
-             f"- input: {INPUT_LINE[bool(data.get('end_to_end'))]}, "
+             f"- input: {INPUT_LINE[e2e]}, "
              f"{data['rounds']} interleaved rounds",
              f"- command: `{data['command']}`", ""]
-    e2e = bool(data.get("end_to_end"))
     for name, peers in data["models"].items():
         ref_key = next((k for k in ("detkit-detector", "detkit-auto", "detkit-fast")
                         if peers.get(k, {}).get("median_ms")), "detkit-fast")
