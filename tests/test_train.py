@@ -138,6 +138,7 @@ from pathlib import Path
 from detkit.engine.train import TrainOptions, Trainer
 options = pickle.loads(Path(sys.argv[1]).read_bytes())
 Trainer(options).train()
+assert not torch.distributed.is_initialized(), "the run left its process group behind"
 """
 
 
@@ -177,6 +178,7 @@ torch.set_num_threads(1)
 from detkit.engine.train import TrainOptions, Trainer
 options = pickle.loads(Path(sys.argv[1]).read_bytes())
 Trainer(options).train()
+assert not torch.distributed.is_initialized(), "the run left its process group behind"
 """
 
 
