@@ -20,6 +20,7 @@ from detkit.data.trees import (
     read_photo,
     spatial_regions,
     spatial_windows,
+    validation_strips,
 )
 
 ASSETS = REPO / "assets" / "deepforest"
@@ -105,5 +106,26 @@ def test_built_split_holds_every_photo_on_both_sides_and_names_tiles_by_origin(p
         pixels = cv2.imread(str(tile), cv2.IMREAD_COLOR)
         h, w = pixels.shape[:2]
         assert np.array_equal(pixels, photo[int(y0):int(y0) + h, int(x0):int(x0) + w]), tile.name
-    for data in ("trees.data", "cross.data", "osbs.data", "trees-whole.data"):
+    for data in ("trees.data", "cross.data", "osbs.data", "trees-whole.data", "trees-strips.data"):
         assert "classes=1" in (BUILT / data).read_text(), data
+
+
+def test_validation_strips_are_the_uncut_validation_parts_with_every_crown(photos, tmp_path):
+    """trees-strips.data: each photo's right 30 % in one piece; its crowns are the validation
+    part's, each once (the 416 px validation tiles count the crowns in their overlaps twice)."""
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    strips = validation_strips(ASSETS, tmp_path)
+    assert [p.stem.rsplit("_", 2)[0] for p in strips] == list(SPATIAL_PHOTOS)
+    for strip in strips:
+        stem, x0, y0 = strip.stem.rsplit("_", 2)
+        photo, boxes = photos[stem]
+        part = spatial_regions(photo.shape[1], photo.shape[0])[1]
+        assert (int(x0), int(y0)) == (part.x0, part.y0)
+        assert np.array_equal(cv2.imread(str(strip), cv2.IMREAD_COLOR), photo[:, part.x0:]), stem
+        rows = np.loadtxt(tmp_path / "labels" / f"{strip.stem}.txt", ndmin=2)
+        crowns = part_boxes(boxes, part) - np.array([part.x0, 0, part.x0, 0])
+        height, width = photo.shape[0], photo.shape[1] - part.x0
+        centres = np.stack([(crowns[:, 0] + crowns[:, 2]) / 2 / width, (crowns[:, 1] + crowns[:, 3]) / 2 / height], 1)
+        assert len(rows) == len(crowns) > 0
+        assert np.allclose(rows[:, 1:3], centres, atol=1e-5)

@@ -5,12 +5,16 @@ with the tile's origin in pixels of its photo):
 
 - `trees.data`, the spatial hold-out: every labelled photo (both YELL crops, OSBS_029, SOAP_061)
   is cut at 70 % of its width; the left part trains (416 px tiles, 25 % overlap), the right 30 %
-  validates (416 px tiles, no overlap). Tiles stay inside their part, so a validation tile shares
+  validates (416 px tiles a tile apart, the last column and row moved back to end at the part's
+  edge, so they overlap their neighbours). Tiles stay inside their part, so a validation tile shares
   no pixel with a training tile of its photo. This split tells a training defect from a data gap:
   the validation crowns come from the same photos, lighting and sites as the training crowns.
 - `cross.data`, the cross-photo test (harder: generalisation): 416 px tiles of one whole YELL
   photo train, the second YELL photo validates; `osbs.data` validates on OSBS_029 (another site)
   and `trees-whole.data` on the uncut second YELL photo, for `detkit eval --tile 416`.
+- `trees-strips.data`: the spatial split's training tiles, validated on each photo's right 30 %
+  uncut (`strips/`), for `detkit eval --tile 416`: the same crowns as `trees.data`'s validation
+  tiles, none clipped by a tile's cut.
 
 A tile keeps a box when at least half of it is inside, clipped to the tile.
 
@@ -138,6 +142,18 @@ def spatial_split(source: Path, out: Path, tile: int) -> tuple[list[Path], list[
     return train, valid
 
 
+def validation_strips(source: Path, out: Path) -> list[Path]:
+    """Each photo's validation part uncut (named after its origin, as a tile), with its crowns:
+    scored with `eval --tile 416` every crown is seen whole in some window, where the 416 px
+    validation tiles clip those their cuts cross (92 of 421)."""
+    strips = []
+    for stem in SPATIAL_PHOTOS:
+        image, boxes = read_photo(source, stem)
+        part = spatial_regions(image.shape[1], image.shape[0])[1]
+        strips += write_windows(out, stem, image, part_boxes(boxes, part), [part])
+    return strips
+
+
 def write_list(path: Path, images: list[Path], root: Path) -> None:
     path.write_text("".join(f"{p.relative_to(root).as_posix()}\n" for p in images))
 
@@ -145,6 +161,13 @@ def write_list(path: Path, images: list[Path], root: Path) -> None:
 def make_dirs(out: Path) -> None:
     for sub in ("images", "labels"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+
+
+def write_strips(source: Path, out: Path) -> None:
+    """strips/ and valid-strips.txt: the spatial split's validation parts uncut (trees-strips.data)."""
+    strips = out / "strips"
+    make_dirs(strips)
+    write_list(out / "valid-strips.txt", validation_strips(source, strips), out)
 
 
 def build(source: Path, out: Path, tile: int = TILE) -> Path:
@@ -158,12 +181,15 @@ def build(source: Path, out: Path, tile: int = TILE) -> Path:
     write_list(out / "cross-valid.txt", tiles(source, cross, VALID, tile, tile), out)
     write_list(out / "osbs.txt", tiles(source, cross, OTHER_SITE, tile, tile), out)
     write_list(out / "valid-whole.txt", [whole(source, cross, VALID)], out)
+    write_strips(source, out)
     (out / "trees.names").write_text("Tree\n")
     data = out / "trees.data"
     data.write_text("classes=1\ntrain=train.txt\nvalid=valid.txt\nnames=trees.names\nbackup=backup\n")
     (out / "cross.data").write_text("classes=1\ntrain=cross-train.txt\nvalid=cross-valid.txt\n"
                                     "names=trees.names\nbackup=backup\n")
     (out / "osbs.data").write_text("classes=1\ntrain=cross-train.txt\nvalid=osbs.txt\nnames=trees.names\n")
+    (out / "trees-strips.data").write_text("classes=1\ntrain=train.txt\nvalid=valid-strips.txt\n"
+                                           "names=trees.names\n")
     (out / "trees-whole.data").write_text("classes=1\ntrain=cross-train.txt\nvalid=valid-whole.txt\n"
                                           "names=trees.names\n")
     return data
