@@ -48,14 +48,15 @@ def net_options(cfg: Path) -> dict[str, str]:
 
 def ensure_conv15() -> Path:
     if not CONV15.exists():
-        run(["darknet", "partial", str(CFG), str(COCO_WEIGHTS), str(CONV15), "15"], REPO)
+        run(["darknet", "partial", str(CFG), str(COCO_WEIGHTS), str(CONV15), "15"], REPO,
+            CONV15.with_name(CONV15.name + ".log"))
     return CONV15
 
 
-def run(command: list[str], cwd: Path, log: Path | None = None) -> tuple[str, float]:
+def run(command: list[str], cwd: Path, log: Path) -> tuple[str, float]:
     """Runs a command to completion, its output going to `log` as it comes (a long training run
-    can be watched); (stdout and stderr, wall seconds). Raises on failure."""
-    log = log or cwd / "command.log"
+    can be watched); (stdout and stderr, wall seconds). Raises on failure. `log` has no default:
+    one in `cwd` left a stray command.log in the repository's root."""
     start = time.perf_counter()
     with log.open("w") as sink:
         returncode = subprocess.run(command, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT).returncode

@@ -44,3 +44,23 @@ def test_both_trainers_run_and_are_scored_the_same_way(three_iteration_cfg, tiny
     # darknet trained through its own loop: one progress line per iteration, 8 images each
     log = (tmp_path / "darknet-1" / "train.log").read_text()
     assert [int(m[0]) for m in side_by_side.DARKNET_LINE.findall(log)] == [1, 2, 3]
+
+
+@pytest.mark.reference
+def test_the_pretrained_convolutions_are_cut_without_leaving_files_in_the_repository(
+        tiny_weights, tmp_path, monkeypatch):
+    """`darknet partial` runs in the repository's root; its output goes beside the weights it
+    writes (once it went to a stray command.log in the root)."""
+    import shutil
+
+    if shutil.which("darknet") is None:
+        if REQUIRE_REFERENCE:
+            pytest.fail("darknet missing: apt-get install darknet")
+        pytest.skip("darknet not installed")
+    monkeypatch.setattr(side_by_side, "CONV15", tmp_path / "yolov3-tiny.conv.15")
+    monkeypatch.setattr(side_by_side, "COCO_WEIGHTS", Path(tiny_weights))
+    before = sorted(p.name for p in REPO.iterdir())
+    conv15 = side_by_side.ensure_conv15()
+    assert conv15.stat().st_size > 0
+    assert "Saving weights to" in (tmp_path / "yolov3-tiny.conv.15.log").read_text()
+    assert sorted(p.name for p in REPO.iterdir()) == before
